@@ -12,6 +12,7 @@ Spawning costs ~5 s (imports dominate), so group checks that share a layout into
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
@@ -37,6 +38,10 @@ def free_port() -> int:
 
 
 def _worker(rank, world_size, port, fn, args, results, env):
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    import warnings
+
+    warnings.simplefilter("ignore")  # megatron warns per rank about absent TE/Apex
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
@@ -51,7 +56,11 @@ def _worker(rank, world_size, port, fn, args, results, env):
             out = fn(rank, world_size, *args)
         finally:
             _teardown()
-        results.put((rank, True, out))
+        # Tensors in a torch.multiprocessing queue travel as shared-memory handles that die
+        # with this process; send plain bytes instead.
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        results.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent with its rank
         results.put((rank, False, traceback.format_exc()))
 
@@ -101,7 +110,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                 continue
             if not ok:
                 raise RankFailure(rank, value)
-            outs[rank] = value
+            import torch
+
+            outs[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=5)

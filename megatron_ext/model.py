@@ -1,0 +1,298 @@
+"""Model provider: a Hugging Face config becomes a TransformerConfig, a layer spec and a GPTModel.
+
+Families: Llama 2/3/3.1 (llama3 RoPE scaling), Qwen2/Qwen2.5 (QKV bias), Qwen3 dense (QK-norm);
+GQA, tied or untied embeddings, RMSNorm eps, rope theta. The TransformerEngine layer spec is
+used when TE imports and CUDA is present; otherwise the local spec with
+:class:`megatron_ext.layers.SDPAttention` and torch norms.
+
+Validation (:func:`validate_model_layout`) runs before any process group exists and names
+the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ModelConfig:
+    """What to build. ``hf_config`` is a path to a HF model dir/config.json or a config dict."""
+
+    hf_config: Any = None
+    params_dtype: str = "fp32"  # fp32 | bf16
+    fp8: str | None = None  # None | e4m3 | hybrid (TransformerEngine only)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8
+    make_vocab_size_divisible_by: int = 128  # padded vocab = multiple of this * TP
+    recompute_granularity: str | None = None  # None | full | selective
+    recompute_num_layers: int = 1
+    use_te: bool | None = None  # None: TE when importable and CUDA present
+    extra: dict = field(default_factory=dict)  # other TransformerConfig fields, passed through
+
+
+def load_hf_config(source: Any):
+    """A transformers PretrainedConfig from a model dir, a config.json path, a dict or a config."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(source, PretrainedConfig):
+        return source
+    if isinstance(source, dict):
+        d = dict(source)
+        model_type = d.pop("model_type", None)
+        _check_model_type(model_type, "hf_config")
+        return AutoConfig.for_model(model_type, **d)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        cfg_file = path if path.endswith(".json") else os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"model.hf_config: no config.json at {cfg_file}")
+        with open(cfg_file) as f:
+            d = json.load(f)
+        _check_model_type(d.get("model_type"), cfg_file)
+        return AutoConfig.from_pretrained(os.path.dirname(cfg_file) if path.endswith(".json") else path)
+    raise ValueError(f"model.hf_config: expected a path or dict, got {type(source).__name__}")
+
+
+def _check_model_type(model_type, where):
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{where}: model_type={model_type!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def head_dim(hf) -> int:
+    return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Smallest size >= vocab_size divisible by ``divisible_by * tp`` (Megatron's rule)."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def te_available() -> bool:
+    """TransformerEngine importable and CUDA present. Never imports TE on a CPU machine, where
+    an installed TE would crash (see megatron-on-cpu facts)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def validate_model_layout(hf, model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1, cp: int = 1,
+                          vpp: int | None = None, sequence_parallel: bool = False) -> None:
+    """Check a HF config against a parallel layout before any process group starts.
+
+    Raises ValueError naming the field and the fix.
+    """
+    _check_model_type(getattr(hf, "model_type", None), "hf_config")
+    checks = [
+        ("num_attention_heads", hf.num_attention_heads, tp, "parallel.tensor_parallel"),
+        ("num_key_value_heads", getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+         tp, "parallel.tensor_parallel"),
+        ("intermediate_size", hf.intermediate_size, tp, "parallel.tensor_parallel"),
+        ("num_hidden_layers", hf.num_hidden_layers, pp * (vpp or 1), "parallel.pipeline_parallel"),
+    ]
+    for name, value, by, knob in checks:
+        if value % by:
+            raise ValueError(f"hf_config.{name}={value} is not divisible by {by} "
+                             f"({knob}); choose a {knob} that divides it")
+    if sequence_parallel and tp == 1:
+        raise ValueError("parallel.sequence_parallel=True needs parallel.tensor_parallel > 1")
+    if model_cfg.params_dtype not in PARAM_DTYPES:
+        raise ValueError(f"model.params_dtype={model_cfg.params_dtype!r}: expected one of "
+                         f"{', '.join(PARAM_DTYPES)}")
+    validate_fp8(model_cfg)
+    rs = _rope_params(hf)
+    rope_type = rs.get("rope_type", rs.get("type")) if rs else None
+    if rope_type not in (None, "default", "llama3"):
+        raise ValueError(f"hf_config.rope_scaling.rope_type={rope_type!r} is not supported "
+                         "(supported: default, llama3)")
+
+
+def validate_fp8(model_cfg: ModelConfig, *, use_te: bool | None = None) -> None:
+    """FP8 needs TransformerEngine on CUDA; formats and recipes are checked by name."""
+    if model_cfg.fp8 is None:
+        return
+    if model_cfg.fp8 not in FP8_FORMATS:
+        raise ValueError(f"model.fp8={model_cfg.fp8!r}: expected one of {', '.join(FP8_FORMATS)} or null")
+    if model_cfg.fp8_recipe not in FP8_RECIPES:
+        raise ValueError(f"model.fp8_recipe={model_cfg.fp8_recipe!r}: expected one of "
+                         f"{', '.join(FP8_RECIPES)}")
+    te = te_available() if use_te is None else use_te
+    if not te:
+        raise ValueError("model.fp8 is set but TransformerEngine with CUDA is not available; "
+                         "install the gpu extra (pip install 'groupwise[gpu]') on a CUDA machine "
+                         "or set model.fp8: null")
+
+
+def build_transformer_config(hf, model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1, cp: int = 1,
+                             vpp: int | None = None, sequence_parallel: bool = False):
+    """HF config + layout -> megatron-core TransformerConfig (CPU-required fields applied)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from . import cpu_compat
+
+    validate_model_layout(hf, model_cfg, tp=tp, pp=pp, cp=cp, vpp=vpp,
+                          sequence_parallel=sequence_parallel)
+    dtype = PARAM_DTYPES[model_cfg.params_dtype]
+    kwargs = dict(
+        num_layers=hf.num_hidden_layers,
+        hidden_size=hf.hidden_size,
+        ffn_hidden_size=hf.intermediate_size,
+        num_attention_heads=hf.num_attention_heads,
+        num_query_groups=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        kv_channels=head_dim(hf),
+        normalization="RMSNorm",
+        layernorm_epsilon=hf.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        # Qwen2 has QKV bias by design; Llama exposes it as `attention_bias`.
+        add_qkv_bias=hf.model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)),
+        qk_layernorm=hf.model_type == "qwen3",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=getattr(hf, "initializer_range", 0.02),
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        sequence_parallel=sequence_parallel,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        recompute_granularity=model_cfg.recompute_granularity,
+        recompute_method="uniform" if model_cfg.recompute_granularity == "full" else None,
+        recompute_num_layers=(model_cfg.recompute_num_layers
+                              if model_cfg.recompute_granularity == "full" else None),
+    )
+    if pp > 1:
+        kwargs["pipeline_dtype"] = dtype
+    if model_cfg.fp8 is not None:
+        kwargs.update(fp8=model_cfg.fp8, fp8_recipe=model_cfg.fp8_recipe)
+    if not torch.cuda.is_available():
+        kwargs.update(cpu_compat.cpu_model_config_overrides(pp, dtype))
+    kwargs.update(model_cfg.extra)
+    config = TransformerConfig(**kwargs)
+    cpu_compat.check_config(config)
+    return config
+
+
+def layer_spec(config, use_te: bool | None = None, vp_stage: int | None = None):
+    """Spec of this stage's decoder: TE layer spec when available (or forced), else a
+    TransformerBlockSubmodules of local layers with SDPA attention and SP-aware torch norms
+    (including the final norm, which Megatron would otherwise build as WrappedTorchNorm)."""
+    use_te = te_available() if use_te is None else use_te
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from .layers import SDPAttention, TorchNorm, TorchQKNorm
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    sub = spec.submodules
+    sub.input_layernorm = TorchNorm
+    sub.pre_mlp_layernorm = TorchNorm
+    attn = sub.self_attention.submodules
+    attn.core_attention = SDPAttention
+    if config.qk_layernorm:
+        attn.q_layernorm = TorchQKNorm
+        attn.k_layernorm = TorchQKNorm
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules, get_num_layers_to_build)
+
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=TorchNorm)
+
+
+def build_gpt_model(hf, config, model_cfg: ModelConfig, *, pre_process: bool = True,
+                    post_process: bool = True, vp_stage: int | None = None):
+    """GPTModel for this rank's pipeline stage; logits stay sharded over TP (``parallel_output``)."""
+    from megatron.core.models.gpt import GPTModel
+
+    tp = config.tensor_model_parallel_size
+    rs = _rope_params(hf)
+    llama3 = rs.get("rope_type", rs.get("type")) == "llama3"
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, model_cfg.use_te, vp_stage=vp_stage),
+        vocab_size=padded_vocab_size(hf.vocab_size, tp, model_cfg.make_vocab_size_divisible_by),
+        max_sequence_length=hf.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=bool(getattr(hf, "tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_base=int(_rope_theta(hf)),
+        rope_scaling=llama3,
+        rope_scaling_factor=float(rs.get("factor", 8.0)) if llama3 else 8.0,
+        vp_stage=vp_stage,
+    )
+    if llama3:
+        # Megatron hard-codes low/high frequency factors 1/4 and 8192 original positions; take
+        # the checkpoint's own values so Llama 3.x variants with other settings stay exact.
+        rot = model.rotary_pos_emb
+        rot.inv_freq = rope_inv_freq(hf, config.kv_channels).to(rot.inv_freq.device)
+    return model
+
+
+def rope_inv_freq(hf, head_dim_: int) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim/2] fp32, with llama3 scaling when the config has it."""
+    inv = 1.0 / (_rope_theta(hf) ** (torch.arange(0, head_dim_, 2, dtype=torch.float32) / head_dim_))
+    rs = _rope_params(hf)
+    if rs.get("rope_type", rs.get("type")) != "llama3":
+        return inv
+    factor = float(rs.get("factor", 8.0))
+    low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+    old_ctx = float(rs.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv
+    # Long wavelengths (low frequencies) are divided by `factor`, short ones kept, and the
+    # band between the two is interpolated linearly in 1/wavelength (Llama 3.1 report).
+    scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    mid = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def _rope_params(hf) -> dict:
+    """RoPE settings: transformers 5 keeps them in ``rope_parameters`` (``rope_scaling`` is an
+    alias); older configs have ``rope_scaling`` plus a top-level ``rope_theta``."""
+    return dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+
+
+def _rope_theta(hf) -> float:
+    theta = _rope_params(hf).get("rope_theta") or getattr(hf, "rope_theta", None) or 10000.0
+    return float(theta)
+
+
+def model_provider(hf, config, model_cfg: ModelConfig):
+    """A ``model_provider_func(pre_process, post_process, vp_stage=None)`` for megatron-style
+    builders, e.g. ``megatron_ext.train.build_model``."""
+
+    def provide(pre_process=True, post_process=True, vp_stage=None):
+        return build_gpt_model(hf, config, model_cfg, pre_process=pre_process,
+                               post_process=post_process, vp_stage=vp_stage)
+
+    return provide
