@@ -1,0 +1,237 @@
+"""A small process pool whose tasks each have a deadline; a worker past it is killed and replaced.
+
+Reward checks run untrusted model output through sympy (and user code through custom reward
+functions); either can hang inside C code or allocate without bound. `concurrent.futures` cannot
+cancel a running task, so this pool owns its processes: one pipe per worker, a deadline per
+dispatched task, SIGKILL and a fresh worker when the deadline passes. Each worker also caps its
+own address space (RLIMIT_AS) so a runaway allocation becomes a MemoryError in that worker
+instead of the machine's OOM killer taking the trainer.
+
+Tasks name their function as `"module:function"` so nothing but plain data crosses the pipe,
+and a worker imports each function once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import multiprocessing.connection
+import time
+import traceback
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+OK, ERROR, TIMEOUT, CRASHED = "ok", "error", "timeout", "crashed"
+
+Call = tuple[tuple, dict]
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """The result of one task: status is ok | error | timeout | crashed.
+
+    `value` is the function's return value when ok; `error` is the worker's traceback text
+    (error) or a description of the death (crashed).
+    """
+
+    status: str
+    value: Any = None
+    error: str | None = None
+
+
+def resolve_function(path: str) -> Callable:
+    """`"package.module:function"` -> the function object; ValueError naming what is missing."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{path!r} is not an import path of the form 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"{path!r}: cannot import module {module_name!r} ({exc})") from exc
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{path!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{path!r}: {attr!r} is not callable")
+    return obj
+
+
+def _worker_main(conn, memory_limit_mb: int) -> None:
+    """Worker loop: receive (task_id, fn_path, args, kwargs), send (task_id, ok, value_or_tb)."""
+    if memory_limit_mb > 0:
+        import resource
+
+        limit = memory_limit_mb << 20
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    functions: dict[str, Callable] = {}
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        task_id, fn_path, args, kwargs = message
+        try:
+            fn = functions.get(fn_path)
+            if fn is None:
+                fn = functions[fn_path] = resolve_function(fn_path)
+            reply = (task_id, True, fn(*args, **kwargs))
+        except BaseException:  # noqa: BLE001 - a task's failure must never take the worker down
+            reply = (task_id, False, traceback.format_exc())
+        try:
+            conn.send(reply)
+        except Exception:  # noqa: BLE001 - e.g. an unpicklable return value
+            conn.send((task_id, False, traceback.format_exc()))
+
+
+class _Worker:
+    def __init__(self, ctx, memory_limit_mb: int):
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_worker_main, args=(child, memory_limit_mb), daemon=True)
+        self.process.start()
+        child.close()
+        self.task: int | None = None
+        self.deadline = 0.0
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=10)
+        self.conn.close()
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.process.join(timeout=2)
+        self.kill()
+
+
+def _shutdown(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.kill()
+
+
+class WorkerPool:
+    """N worker processes running `"module:function"` tasks, each under a wall-clock deadline.
+
+    `run(fn_path, calls, timeout_s)` -> one `TaskOutcome` per call, in order. Not thread-safe:
+    one `run` at a time. `restarts` counts workers replaced after a timeout or a crash.
+    """
+
+    def __init__(
+        self,
+        num_workers: int,
+        *,
+        memory_limit_mb: int = 4096,
+        start_method: str = "forkserver",
+        preload: Sequence[str] = (),
+    ):
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self._ctx = multiprocessing.get_context(start_method)
+        if start_method == "forkserver" and preload:
+            # Heavy imports (sympy) happen once in the fork server, so a worker that replaces a
+            # killed one is ready in milliseconds. Has no effect if the server already runs.
+            self._ctx.set_forkserver_preload(list(preload))
+        self._memory_limit_mb = memory_limit_mb
+        self._workers = [_Worker(self._ctx, memory_limit_mb) for _ in range(num_workers)]
+        self.restarts = 0
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._workers)
+
+    def _replace(self, index: int) -> None:
+        self._workers[index].kill()
+        self._workers[index] = _Worker(self._ctx, self._memory_limit_mb)
+        self.restarts += 1
+
+    def run(self, fn_path: str, calls: Sequence[Call], timeout_s: float) -> list[TaskOutcome]:
+        """(function path, [(args, kwargs)], seconds per call) -> [TaskOutcome] in call order.
+
+        A call's clock starts when a worker receives it, so a long queue does not eat into it.
+        """
+        if not self._workers:
+            raise RuntimeError("WorkerPool.run called after close()")
+        outcomes: list[TaskOutcome | None] = [None] * len(calls)
+        pending = deque(range(len(calls)))
+        while pending or any(w.task is not None for w in self._workers):
+            for i, worker in enumerate(self._workers):
+                if worker.task is None and pending:
+                    task = pending.popleft()
+                    args, kwargs = calls[task]
+                    try:
+                        worker.conn.send((task, fn_path, tuple(args), dict(kwargs)))
+                    except (OSError, EOFError):
+                        # The worker died while idle. Not retried: a worker that cannot even
+                        # start would otherwise be replaced forever.
+                        outcomes[task] = TaskOutcome(
+                            CRASHED, error=f"reward worker died before running {fn_path}"
+                        )
+                        self._replace(i)
+                        continue
+                    worker.task = task
+                    worker.deadline = time.monotonic() + timeout_s
+            busy = [w for w in self._workers if w.task is not None]
+            if not busy:
+                continue
+            wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            ready = set(
+                multiprocessing.connection.wait(
+                    [w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=wait_s
+                )
+            )
+            now = time.monotonic()
+            for i, worker in enumerate(self._workers):
+                if worker.task is None:
+                    continue
+                task = worker.task
+                if worker.conn in ready or worker.process.sentinel in ready:
+                    try:
+                        if not worker.conn.poll():
+                            raise EOFError
+                        task_id, ok, payload = worker.conn.recv()
+                    except (EOFError, OSError):
+                        worker.process.join(timeout=1)
+                        code = worker.process.exitcode
+                        outcomes[task] = TaskOutcome(
+                            CRASHED, error=f"reward worker died (exit code {code}) running {fn_path}"
+                        )
+                        worker.task = None
+                        self._replace(i)
+                        continue
+                    assert task_id == task, (task_id, task)
+                    outcomes[task] = TaskOutcome(OK, payload) if ok else TaskOutcome(ERROR, error=payload)
+                    worker.task = None
+                elif now >= worker.deadline:
+                    outcomes[task] = TaskOutcome(
+                        TIMEOUT, error=f"{fn_path} ran past its {timeout_s:g} s deadline"
+                    )
+                    worker.task = None
+                    self._replace(i)
+        assert all(o is not None for o in outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop every worker (a graceful stop, then SIGKILL for any that do not exit)."""
+        for worker in self._workers:
+            worker.stop()
+        self._workers = []
+        self._finalizer.detach()
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
