@@ -1,4 +1,4 @@
-"""Pure-text answer handling: final-answer extraction, the normalised answer key, the JEPO split.
+"""Pure-text answer handling: final-answer extraction, the format check, the answer key, the JEPO split.
 
 Everything here runs in the trainer process on plain strings, in time linear in the response
 length, so none of it needs the worker pool's timeouts. The expensive, possibly non-terminating
@@ -89,6 +89,18 @@ def extract_answer(text: str, marker: str | None = "The final answer is") -> str
     if marker:
         return _after_marker(text, marker)
     return None
+
+
+def format_ok(text: str, pattern: re.Pattern[str] | None = None) -> bool:
+    """Response text, optional compiled regex -> whether the response has the required format.
+
+    With no pattern the format is "ends with a complete `\\boxed{...}` answer" (the last box is
+    closed and non-empty); with a pattern, `pattern.search(text)` must match.
+    """
+    if pattern is None:
+        boxed = extract_boxed(text)
+        return boxed is not None and bool(boxed.strip())
+    return pattern.search(text) is not None
 
 
 _DROP = re.compile(r"\\left|\\right|\\[,;:! ]|\\displaystyle|\^\{?\\circ\}?")

@@ -1,4 +1,4 @@
-"""Score a step's responses: correctness in a worker pool, format and overlong terms, answer keys.
+"""Score a step's responses: correctness in a worker pool, a format term, answer keys.
 
 `RewardScorer(config).score(responses, answers, ...)` is the one call the trainer makes per
 rollout step. Correctness (math-verify, or a custom function) runs concurrently in a
@@ -15,11 +15,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from pipeline.rewards.answers import extract_answer, normalize_answer, split_at_delimiter
+from pipeline.rewards.answers import extract_answer, format_ok, normalize_answer, split_at_delimiter
 from pipeline.rewards.custom import coerce_reward
 from pipeline.rewards.keys import class_ids, distinct_pairs
 from pipeline.rewards.pool import OK, TIMEOUT, TaskOutcome, WorkerPool, resolve_function
-from pipeline.rewards.shaping import format_ok, overlong_penalty
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +42,6 @@ class RewardConfig:
         complete `\\boxed{...}`".
     format_weight: added to the reward when the format holds.
     format_required: a response failing the format scores `incorrect_reward` for correctness.
-    overlong_max_tokens / overlong_buffer_tokens / overlong_penalty_factor: DAPO soft overlong
-        shaping (L_max, L_c, factor); None disables it.
     answer_key_mode: COPO answer classes from equal normalised strings ("string"), or also
         merged when math-verify judges two answers of a group equal ("math_verify").
     jepo_delimiter: where a response's chain of thought ends, for JEPO.
@@ -60,9 +57,6 @@ class RewardConfig:
     format_pattern: str | None = None
     format_weight: float = 0.0
     format_required: bool = False
-    overlong_max_tokens: int | None = None
-    overlong_buffer_tokens: int = 0
-    overlong_penalty_factor: float = 1.0
     answer_key_mode: str = "string"
     jepo_delimiter: str = "The final answer is"
     num_workers: int = 4
@@ -94,14 +88,6 @@ class RewardConfig:
                 re.compile(self.format_pattern)
             except re.error as exc:
                 raise ValueError(f"reward.format_pattern={self.format_pattern!r} is not a regex: {exc}") from exc
-        if self.overlong_max_tokens is not None:
-            if self.overlong_max_tokens < 1:
-                raise ValueError(f"reward.overlong_max_tokens={self.overlong_max_tokens}: must be >= 1")
-            if not 0 <= self.overlong_buffer_tokens <= self.overlong_max_tokens:
-                raise ValueError(
-                    f"reward.overlong_buffer_tokens={self.overlong_buffer_tokens}: must lie in "
-                    f"[0, reward.overlong_max_tokens={self.overlong_max_tokens}]"
-                )
         if not self.jepo_delimiter:
             raise ValueError("reward.jepo_delimiter is empty: set the text that ends the chain of thought")
 
@@ -110,7 +96,8 @@ class RewardConfig:
 class RewardResult:
     """Per-response outputs of one `score` call, all lists in response order.
 
-    rewards: the total reward (correctness + format term + overlong term).
+    rewards: the total reward (correctness + format term). DAPO's overlong shaping is not
+        here: `pipeline.algorithms` adds it from the response mask, so it cannot apply twice.
     correct: whether the correctness check passed (math: verified; custom: its reward > 0).
     answers: the extracted final answer text, None when there is none.
     answer_keys: the COPO answer key (normalised answer string, or a custom function's choice).
@@ -118,7 +105,7 @@ class RewardResult:
     format_ok: whether the format term held.
     cot_ends: JEPO: character offset one past the delimiter, None when it is missing.
     counters: responses, correct, no_answer, no_reference, timeouts, errors, format_failures,
-        overlong, answer_key_failures.
+        answer_key_failures.
     """
 
     rewards: list[float]
@@ -253,15 +240,13 @@ class RewardScorer:
         prompts: Sequence[str | None] | None = None,
         *,
         extras: Sequence[dict[str, Any]] | None = None,
-        response_lengths: Sequence[int] | None = None,
         group_size: int | None = None,
     ) -> RewardResult:
         """Responses and their references -> `RewardResult`, all lists of len(responses).
 
         `answers[i]` is the reference answer of response i's prompt (repeat it for each sample
-        of a group). `prompts`/`extras` are passed to custom functions. `response_lengths` (in
-        tokens) is required when overlong shaping is on. `group_size` (responses are
-        group-major: a prompt's samples are contiguous) enables `answer_ids`.
+        of a group). `prompts`/`extras` are passed to custom functions. `group_size` (responses
+        are group-major: a prompt's samples are contiguous) enables `answer_ids`.
         """
         cfg = self.config
         n = len(responses)
@@ -270,10 +255,6 @@ class RewardScorer:
         for name, seq in (("answers", answers), ("prompts", prompts), ("extras", extras)):
             if len(seq) != n:
                 raise ValueError(f"score: {name} has {len(seq)} entries for {n} responses")
-        if response_lengths is not None and len(response_lengths) != n:
-            raise ValueError(f"score: response_lengths has {len(response_lengths)} entries for {n} responses")
-        if cfg.overlong_max_tokens is not None and response_lengths is None:
-            raise ValueError("score: reward.overlong_max_tokens is set, so response_lengths is required")
         if group_size is not None and (group_size < 1 or n % group_size):
             raise ValueError(f"score: {n} responses do not form whole groups of group_size={group_size}")
 
@@ -291,13 +272,7 @@ class RewardScorer:
                 counters["format_failures"] += 1
                 if cfg.format_required:
                     scores[i], correct[i] = cfg.incorrect_reward, False
-            total = scores[i] + (cfg.format_weight if formats[i] else 0.0)
-            if cfg.overlong_max_tokens is not None:
-                penalty = overlong_penalty(response_lengths[i], cfg.overlong_max_tokens, cfg.overlong_buffer_tokens)
-                if penalty < 0:
-                    counters["overlong"] += 1
-                total += cfg.overlong_penalty_factor * penalty
-            rewards.append(total)
+            rewards.append(scores[i] + (cfg.format_weight if formats[i] else 0.0))
         counters["correct"] = sum(correct)
 
         cot_ends = []
@@ -305,8 +280,7 @@ class RewardScorer:
             cot, found = split_at_delimiter(r, cfg.jepo_delimiter)
             cot_ends.append(len(cot) if found else None)
         answer_ids = self._answer_ids(keys, group_size, counters) if group_size is not None else None
-        for name in ("timeouts", "errors", "no_answer", "no_reference", "format_failures", "overlong",
-                     "answer_key_failures"):
+        for name in ("timeouts", "errors", "no_answer", "no_reference", "format_failures", "answer_key_failures"):
             counters.setdefault(name, 0)
         self.totals.update(counters)
         return RewardResult(

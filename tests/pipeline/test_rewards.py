@@ -1,4 +1,4 @@
-"""Rewards: answer extraction, answer keys, the JEPO split, shaping terms, and the timed pool.
+"""Rewards: answer extraction, answer keys, the JEPO split, the format term, and the timed pool.
 
 The custom reward functions at the top are imported by path inside the worker processes, which
 is why they live at module level here.
@@ -22,7 +22,6 @@ from pipeline.rewards import (
     extract_boxed,
     format_ok,
     normalize_answer,
-    overlong_penalty,
     split_at_delimiter,
 )
 
@@ -119,12 +118,6 @@ def test_format_ok_default_box_or_regex():
     assert not format_ok("\\boxed{3}", re.compile(r"<answer>.+</answer>"))
 
 
-def test_overlong_penalty_dapo_numbers():
-    # L_max = 20, L_c = 5: free up to 15, then linear to -1 at 20.
-    assert [overlong_penalty(n, 20, 5) for n in (10, 15, 17, 20, 21)] == [0.0, 0.0, -0.4, -1.0, -1.0]
-    assert [overlong_penalty(n, 20, 0) for n in (20, 21)] == [0.0, -1.0]
-
-
 def test_class_ids_equal_keys_share_a_class_missing_answers_do_not():
     assert class_ids(["5", "5", None, "3", "5", None]) == [0, 0, 1, 2, 0, 3]
     assert class_ids(["a", "b", "c", "b"], merges=[(0, 2)]) == [0, 1, 0, 1]
@@ -183,24 +176,14 @@ def test_cot_ends_mark_the_jepo_delimiter(math_scorer):
     assert result.cot_ends == [len("Think. The final answer is"), None]
 
 
-def test_format_and_overlong_terms_add_to_correctness():
-    config = RewardConfig(
-        num_workers=1,
-        format_weight=0.1,
-        format_required=True,
-        overlong_max_tokens=20,
-        overlong_buffer_tokens=5,
-        overlong_penalty_factor=1.0,
-    )
+def test_format_bonus_and_format_required():
+    config = RewardConfig(num_workers=1, format_weight=0.1, format_required=True)
     with RewardScorer(config) as scorer:
-        result = scorer.score(
-            ["\\boxed{3}", "\\boxed{3}", "The final answer is 3"], ["3"] * 3, response_lengths=[10, 17, 10]
-        )
-    # Third: correct by the marker, but format_required zeroes it (and no format bonus).
-    assert result.rewards == pytest.approx([1.1, 1.1 - 0.4, 0.0])
-    assert result.correct == [True, True, False]
+        result = scorer.score(["\\boxed{3}", "\\boxed{4}", "The final answer is 3"], ["3"] * 3)
+    # Third: correct by the marker, but format_required zeroes it (and there is no format bonus).
+    assert result.rewards == pytest.approx([1.1, 0.1, 0.0])
+    assert result.correct == [True, False, False]
     assert result.counters["format_failures"] == 1
-    assert result.counters["overlong"] == 1
 
 
 # --- custom reward functions ---------------------------------------------------------------
@@ -281,7 +264,7 @@ def test_pool_runs_calls_concurrently_with_a_deadline_per_call():
         ({"start_method": "fork"}, "reward.start_method"),
         ({"timeout_s": 0}, "reward.timeout_s"),
         ({"format_pattern": "("}, "reward.format_pattern"),
-        ({"overlong_max_tokens": 10, "overlong_buffer_tokens": 11}, "reward.overlong_buffer_tokens"),
+        ({"memory_limit_mb": -1}, "reward.memory_limit_mb"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field):
@@ -294,7 +277,8 @@ def test_unimportable_custom_function_fails_at_construction():
         RewardScorer(RewardConfig(function=f"{HERE}:missing"))
 
 
-def test_overlong_shaping_requires_lengths():
-    with RewardScorer(RewardConfig(num_workers=1, overlong_max_tokens=8)) as scorer:
-        with pytest.raises(ValueError, match="response_lengths"):
-            scorer.score(["\\boxed{1}"], ["1"])
+def test_score_rejects_mismatched_lengths_and_partial_groups(math_scorer):
+    with pytest.raises(ValueError, match="answers has 1 entries for 2 responses"):
+        math_scorer.score(["a", "b"], ["1"])
+    with pytest.raises(ValueError, match="whole groups of group_size=2"):
+        math_scorer.score(["a", "b", "c"], ["1"] * 3, group_size=2)
