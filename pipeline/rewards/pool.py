@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import multiprocessing.connection
+import threading
 import time
 import traceback
 import weakref
@@ -124,8 +125,9 @@ def _shutdown(workers: list[_Worker]) -> None:
 class WorkerPool:
     """N worker processes running `"module:function"` tasks, each under a wall-clock deadline.
 
-    `run(fn_path, calls, timeout_s)` -> one `TaskOutcome` per call, in order. Not thread-safe:
-    one `run` at a time. `restarts` counts workers replaced after a timeout or a crash.
+    `run(fn_path, calls, timeout_s)` -> one `TaskOutcome` per call, in order. Calls from several
+    threads are served one `run` at a time (no signals are used, so any thread may call).
+    `restarts` counts workers replaced after a timeout or a crash.
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class WorkerPool:
         self._memory_limit_mb = memory_limit_mb
         self._workers = [_Worker(self._ctx, memory_limit_mb) for _ in range(num_workers)]
         self.restarts = 0
+        self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
 
     @property
@@ -162,6 +165,10 @@ class WorkerPool:
 
         A call's clock starts when a worker receives it, so a long queue does not eat into it.
         """
+        with self._lock:
+            return self._run(fn_path, calls, timeout_s)
+
+    def _run(self, fn_path: str, calls: Sequence[Call], timeout_s: float) -> list[TaskOutcome]:
         if not self._workers:
             raise RuntimeError("WorkerPool.run called after close()")
         outcomes: list[TaskOutcome | None] = [None] * len(calls)
@@ -225,10 +232,11 @@ class WorkerPool:
 
     def close(self) -> None:
         """Stop every worker (a graceful stop, then SIGKILL for any that do not exit)."""
-        for worker in self._workers:
-            worker.stop()
-        self._workers = []
-        self._finalizer.detach()
+        with self._lock:
+            for worker in self._workers:
+                worker.stop()
+            self._workers = []
+            self._finalizer.detach()
 
     def __enter__(self) -> "WorkerPool":
         return self

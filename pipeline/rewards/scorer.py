@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -121,7 +122,7 @@ class RewardResult:
 class RewardScorer:
     """Owns the worker pool; `score` turns a step's responses into a `RewardResult`.
 
-    Not thread-safe (one `score` at a time). Close it (or use it as a context manager) to stop
+    Calls from several threads are served one at a time. Close it (or use it as a context manager) to stop
     the workers. `totals` accumulates the counters of every call.
     """
 
@@ -145,6 +146,7 @@ class RewardScorer:
             preload=preload,
         )
         self.totals: Counter[str] = Counter()
+        self._lock = threading.Lock()
         self._logged = {"error": False, "timeout": False}
 
     def _note_failure(self, outcome: TaskOutcome, what: str, counters: Counter) -> None:
@@ -168,13 +170,14 @@ class RewardScorer:
         prompts: Sequence[str | None],
         extras: Sequence[dict],
         counters: Counter,
-    ) -> tuple[list[float], list[bool], dict[int, str | None]]:
-        """-> (score per response, correct per response, answer keys chosen by a custom function)."""
+    ) -> tuple[list[float], list[bool], dict[int, str | None], set[int]]:
+        """-> (score, correct, answer keys chosen by a custom function, responses that timed out)."""
         cfg = self.config
         n = len(responses)
         scores = [cfg.incorrect_reward] * n
         correct = [False] * n
         key_overrides: dict[int, str | None] = {}
+        timed_out: set[int] = set()
         if self._custom:
             todo = list(range(n))
             calls = [
@@ -199,6 +202,8 @@ class RewardScorer:
             what = f"{cfg.function}, response {i}: {shown[:80]!r}"
             if outcome.status != OK:
                 self._note_failure(outcome, what, counters)
+                if outcome.status == TIMEOUT:
+                    timed_out.add(i)
                 continue
             if not self._custom:
                 correct[i] = bool(outcome.value)
@@ -212,12 +217,20 @@ class RewardScorer:
             scores[i], correct[i] = reward, reward > 0
             if has_key:
                 key_overrides[i] = key
-        return scores, correct, key_overrides
+        return scores, correct, key_overrides, timed_out
 
-    def _answer_ids(self, keys: list[str | None], group_size: int, counters: Counter) -> list[int]:
-        """Answer keys of whole groups (group-major) -> class id per response within its group."""
+    def _answer_ids(self, keys: list[str | None], group_size: int, avoid: set[int], counters: Counter) -> list[int]:
+        """Answer keys of whole groups (group-major) -> class id per response within its group.
+
+        Responses in `avoid` already timed out once; comparing them again would only cost
+        another timeout, so they stay in their own string-equality class.
+        """
         groups = [keys[s : s + group_size] for s in range(0, len(keys), group_size)]
-        pairs = [distinct_pairs(g) for g in groups] if self.config.answer_key_mode == "math_verify" else []
+        pairs = []
+        if self.config.answer_key_mode == "math_verify":
+            for gi, group in enumerate(groups):
+                base = gi * group_size
+                pairs.append([(i, j) for i, j in distinct_pairs(group) if base + i not in avoid and base + j not in avoid])
         calls = [((g[i], g[j]), {}) for g, ps in zip(groups, pairs) for i, j in ps]
         outcomes = iter(self._pool.run(_EQUIVALENT, calls, self.config.timeout_s) if calls else [])
         ids: list[int] = []
@@ -248,6 +261,17 @@ class RewardScorer:
         of a group). `prompts`/`extras` are passed to custom functions. `group_size` (responses
         are group-major: a prompt's samples are contiguous) enables `answer_ids`.
         """
+        with self._lock:
+            return self._score(responses, answers, prompts, extras, group_size)
+
+    def _score(
+        self,
+        responses: Sequence[str],
+        answers: Sequence[str | None],
+        prompts: Sequence[str | None] | None,
+        extras: Sequence[dict[str, Any]] | None,
+        group_size: int | None,
+    ) -> RewardResult:
         cfg = self.config
         n = len(responses)
         prompts = list(prompts) if prompts is not None else [None] * n
@@ -260,7 +284,7 @@ class RewardScorer:
 
         counters: Counter[str] = Counter(responses=n)
         extracted = [extract_answer(r, cfg.answer_marker) for r in responses]
-        scores, correct, key_overrides = self._correctness(responses, answers, extracted, prompts, extras, counters)
+        scores, correct, key_overrides, timed_out = self._correctness(responses, answers, extracted, prompts, extras, counters)
         keys = [normalize_answer(a) if a is not None else None for a in extracted]
         for i, key in key_overrides.items():
             keys[i] = key
@@ -279,7 +303,7 @@ class RewardScorer:
         for r in responses:
             cot, found = split_at_delimiter(r, cfg.jepo_delimiter)
             cot_ends.append(len(cot) if found else None)
-        answer_ids = self._answer_ids(keys, group_size, counters) if group_size is not None else None
+        answer_ids = self._answer_ids(keys, group_size, timed_out, counters) if group_size is not None else None
         for name in ("timeouts", "errors", "no_answer", "no_reference", "format_failures", "answer_key_failures"):
             counters.setdefault(name, 0)
         self.totals.update(counters)
