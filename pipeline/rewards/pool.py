@@ -61,8 +61,12 @@ def resolve_function(path: str) -> Callable:
     return obj
 
 
-def _worker_main(conn, memory_limit_mb: int) -> None:
-    """Worker loop: receive (task_id, fn_path, args, kwargs), send (task_id, ok, value_or_tb)."""
+_READY = -1  # task id of the message a worker sends once its imports are done
+
+
+def _worker_main(conn, memory_limit_mb: int, imports: Sequence[str]) -> None:
+    """Worker loop: import `imports`, send READY, then answer (task_id, fn_path, args, kwargs)
+    messages with (task_id, ok, value or traceback text)."""
     if memory_limit_mb > 0:
         import resource
 
@@ -71,6 +75,12 @@ def _worker_main(conn, memory_limit_mb: int) -> None:
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)
         resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    for name in imports:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the first call reports it, with its traceback
+            pass
+    conn.send((_READY, True, None))
     functions: dict[str, Callable] = {}
     while True:
         try:
@@ -94,11 +104,12 @@ def _worker_main(conn, memory_limit_mb: int) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx, memory_limit_mb: int):
+    def __init__(self, ctx, memory_limit_mb: int, imports: Sequence[str]):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child, memory_limit_mb), daemon=True)
+        self.process = ctx.Process(target=_worker_main, args=(child, memory_limit_mb, list(imports)), daemon=True)
         self.process.start()
         child.close()
+        self.ready = False
         self.task: int | None = None
         self.deadline = 0.0
 
@@ -127,7 +138,13 @@ class WorkerPool:
 
     `run(fn_path, calls, timeout_s)` -> one `TaskOutcome` per call, in order. Calls from several
     threads are served one `run` at a time (no signals are used, so any thread may call).
-    `restarts` counts workers replaced after a timeout or a crash.
+    `restarts` counts workers replaced after a timeout or a crash. `imports` are imported by each
+    worker before it reports ready (and preloaded into the fork server); a worker's start-up
+    counts against `startup_timeout_s`, never against a call's deadline, so a slow start on a
+    busy machine is not mistaken for a hanging call.
+
+    As with any spawn/forkserver pool, a script that creates one needs the
+    `if __name__ == "__main__":` guard.
     """
 
     def __init__(
@@ -136,17 +153,20 @@ class WorkerPool:
         *,
         memory_limit_mb: int = 4096,
         start_method: str = "forkserver",
-        preload: Sequence[str] = (),
+        imports: Sequence[str] = (),
+        startup_timeout_s: float = 120.0,
     ):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self._ctx = multiprocessing.get_context(start_method)
-        if start_method == "forkserver" and preload:
+        if start_method == "forkserver" and imports:
             # Heavy imports (sympy) happen once in the fork server, so a worker that replaces a
             # killed one is ready in milliseconds. Has no effect if the server already runs.
-            self._ctx.set_forkserver_preload(list(preload))
+            self._ctx.set_forkserver_preload(list(imports))
         self._memory_limit_mb = memory_limit_mb
-        self._workers = [_Worker(self._ctx, memory_limit_mb) for _ in range(num_workers)]
+        self._imports = list(imports)
+        self._startup_timeout_s = startup_timeout_s
+        self._workers = [self._new_worker() for _ in range(num_workers)]
         self.restarts = 0
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
@@ -155,18 +175,52 @@ class WorkerPool:
     def num_workers(self) -> int:
         return len(self._workers)
 
+    def _new_worker(self) -> _Worker:
+        return _Worker(self._ctx, self._memory_limit_mb, self._imports)
+
     def _replace(self, index: int) -> None:
         self._workers[index].kill()
-        self._workers[index] = _Worker(self._ctx, self._memory_limit_mb)
+        self._workers[index] = self._new_worker()
         self.restarts += 1
 
     def run(self, fn_path: str, calls: Sequence[Call], timeout_s: float) -> list[TaskOutcome]:
         """(function path, [(args, kwargs)], seconds per call) -> [TaskOutcome] in call order.
 
-        A call's clock starts when a worker receives it, so a long queue does not eat into it.
+        A call's clock starts when a ready worker receives it, so neither a long queue nor a
+        worker's start-up eats into it.
         """
         with self._lock:
             return self._run(fn_path, calls, timeout_s)
+
+    def _dispatch(self, i: int, task: int, fn_path: str, call: Call, timeout_s: float) -> bool:
+        """Send one call to idle worker i; False if the worker turned out to be dead."""
+        worker = self._workers[i]
+        args, kwargs = call
+        try:
+            worker.conn.send((task, fn_path, tuple(args), dict(kwargs)))
+        except (OSError, EOFError):
+            return False
+        worker.task = task
+        budget = timeout_s if worker.ready else self._startup_timeout_s + timeout_s
+        worker.deadline = time.monotonic() + budget
+        return True
+
+    def _receive(self, i: int, timeout_s: float, outcomes: list) -> bool:
+        """Read worker i's messages (READY and/or its result); False if it died."""
+        worker = self._workers[i]
+        try:
+            while worker.task is not None and worker.conn.poll():
+                task_id, ok, payload = worker.conn.recv()
+                if task_id == _READY:
+                    worker.ready = True
+                    worker.deadline = time.monotonic() + timeout_s
+                    continue
+                assert task_id == worker.task, (task_id, worker.task)
+                outcomes[task_id] = TaskOutcome(OK, payload) if ok else TaskOutcome(ERROR, error=payload)
+                worker.task = None
+        except (EOFError, OSError):
+            return False
+        return worker.task is None or worker.process.is_alive()
 
     def _run(self, fn_path: str, calls: Sequence[Call], timeout_s: float) -> list[TaskOutcome]:
         if not self._workers:
@@ -174,22 +228,18 @@ class WorkerPool:
         outcomes: list[TaskOutcome | None] = [None] * len(calls)
         pending = deque(range(len(calls)))
         while pending or any(w.task is not None for w in self._workers):
-            for i, worker in enumerate(self._workers):
-                if worker.task is None and pending:
+            for i in range(len(self._workers)):
+                idle = self._workers[i]
+                if idle.task is None and idle.ready and not idle.process.is_alive():
+                    # It started once, so replacing it cannot loop; its death was not a call's.
+                    self._replace(i)
+                if self._workers[i].task is None and pending:
                     task = pending.popleft()
-                    args, kwargs = calls[task]
-                    try:
-                        worker.conn.send((task, fn_path, tuple(args), dict(kwargs)))
-                    except (OSError, EOFError):
-                        # The worker died while idle. Not retried: a worker that cannot even
-                        # start would otherwise be replaced forever.
-                        outcomes[task] = TaskOutcome(
-                            CRASHED, error=f"reward worker died before running {fn_path}"
-                        )
+                    if not self._dispatch(i, task, fn_path, calls[task], timeout_s):
+                        # Died while idle. Not retried: a worker that cannot even start would
+                        # otherwise be replaced forever.
+                        outcomes[task] = TaskOutcome(CRASHED, error=f"reward worker died before running {fn_path}")
                         self._replace(i)
-                        continue
-                    worker.task = task
-                    worker.deadline = time.monotonic() + timeout_s
             busy = [w for w in self._workers if w.task is not None]
             if not busy:
                 continue
@@ -199,32 +249,21 @@ class WorkerPool:
                     [w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=wait_s
                 )
             )
-            now = time.monotonic()
             for i, worker in enumerate(self._workers):
                 if worker.task is None:
                     continue
                 task = worker.task
                 if worker.conn in ready or worker.process.sentinel in ready:
-                    try:
-                        if not worker.conn.poll():
-                            raise EOFError
-                        task_id, ok, payload = worker.conn.recv()
-                    except (EOFError, OSError):
+                    if not self._receive(i, timeout_s, outcomes):
                         worker.process.join(timeout=1)
-                        code = worker.process.exitcode
                         outcomes[task] = TaskOutcome(
-                            CRASHED, error=f"reward worker died (exit code {code}) running {fn_path}"
+                            CRASHED, error=f"reward worker died (exit code {worker.process.exitcode}) running {fn_path}"
                         )
                         worker.task = None
                         self._replace(i)
-                        continue
-                    assert task_id == task, (task_id, task)
-                    outcomes[task] = TaskOutcome(OK, payload) if ok else TaskOutcome(ERROR, error=payload)
-                    worker.task = None
-                elif now >= worker.deadline:
-                    outcomes[task] = TaskOutcome(
-                        TIMEOUT, error=f"{fn_path} ran past its {timeout_s:g} s deadline"
-                    )
+                elif time.monotonic() >= worker.deadline:
+                    what = "ran past its" if worker.ready else "did not start within the start-up budget plus its"
+                    outcomes[task] = TaskOutcome(TIMEOUT, error=f"{fn_path} {what} {timeout_s:g} s deadline")
                     worker.task = None
                     self._replace(i)
         assert all(o is not None for o in outcomes)

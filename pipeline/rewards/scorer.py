@@ -136,14 +136,14 @@ class RewardScorer:
             except ValueError as exc:
                 raise ValueError(f"reward.function: {exc}") from exc
         self._format = re.compile(config.format_pattern) if config.format_pattern is not None else None
-        preload = ["pipeline.rewards.math_check", "pipeline.rewards.custom"]
+        imports = ["pipeline.rewards.math_check", "pipeline.rewards.custom"]
         if self._custom:
-            preload.append(config.function.partition(":")[0])
+            imports.append(config.function.partition(":")[0])
         self._pool = WorkerPool(
             config.num_workers,
             memory_limit_mb=config.memory_limit_mb,
             start_method=config.start_method,
-            preload=preload,
+            imports=imports,
         )
         self.totals: Counter[str] = Counter()
         self._lock = threading.Lock()
