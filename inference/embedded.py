@@ -136,6 +136,11 @@ class EmbeddedEngine(RolloutEngine):
     def weight_version(self) -> int:
         return self._version
 
+    def set_weight_version(self, version: int) -> None:
+        """Relabel the served weights (SGLang's /update_weight_version) without loading any."""
+        with self._lock:
+            self._version = int(version)
+
     @property
     def released(self) -> bool:
         return self._released
@@ -165,7 +170,7 @@ class EmbeddedEngine(RolloutEngine):
         still running finish with reason ``abort`` (what SGLang's pause does).
         """
         for r, row in enumerate(rows):
-            self._check_prompt(r, row.prompt_token_ids)
+            self.check_prompt(r, row.prompt_token_ids)
         decode = self._decode if self.tokenizer is not None else None
         checkers = [StopChecker(row.sampling, self.eos_token_ids, decode) for row in rows]
         with self._lock:
@@ -183,7 +188,8 @@ class EmbeddedEngine(RolloutEngine):
                     out[r] = completion
         return out  # type: ignore[return-value]
 
-    def _check_prompt(self, index: int, prompt: Sequence[int]) -> None:
+    def check_prompt(self, index: int, prompt: Sequence[int]) -> None:
+        """Raise ValueError naming prompt ``index`` if it is empty or leaves the vocabulary."""
         if len(prompt) == 0:
             raise ValueError(f"prompt {index} is empty; every prompt needs at least one token")
         bad = [t for t in prompt if not 0 <= int(t) < self.vocab_size]

@@ -76,3 +76,41 @@ def iter_buckets(stream, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[l
 def bucket_nbytes(bucket: list[NamedTensor]) -> int:
     """Payload size of a bucket in bytes."""
     return sum(t.numel() * t.element_size() for _, t in bucket)
+
+
+def iter_safetensors_dir(path) -> Iterator[list[NamedTensor]]:
+    """An HF checkpoint directory -> one bucket per ``*.safetensors`` file, lazily."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}; save the weights with safe_serialization")
+    for file in files:
+        yield list(load_file(str(file)).items())
+
+
+def save_stream_to_dir(stream, path, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> int:
+    """Write a weight stream as safetensors shards (one per bucket) into ``path``; returns tensors written.
+
+    Shards are written under temporary names and renamed, so a reader never sees half a file.
+    """
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.glob("*.safetensors"):
+        old.unlink()
+    written = 0
+    for index, bucket in enumerate(iter_buckets(stream, bucket_bytes)):
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in bucket}
+        final = path / f"weights-{index:05d}.safetensors"
+        tmp = final.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, final)
+        written += len(tensors)
+    return written
