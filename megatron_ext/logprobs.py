@@ -14,9 +14,10 @@ size ever crosses the wire, and no rank ever holds a full ``[T, V]`` tensor.
 
 Memory: the forward walks the tokens in chunks of ``chunk_size`` rows through two reusable
 fp32 scratch buffers of ``[chunk_size, V/TP]``, and keeps for backward only the input logits
-(in their own dtype; autograd would keep the tensor alive anyway when it is an activation
-needed elsewhere) plus two fp32 ``[T]`` statistics, ``lse`` and ``H``. The backward recomputes
-the softmax chunk by chunk from those. A full-size fp32 softmax, the usual out-of-memory of
+(a reference, not a copy; for bf16 logits that is half the bytes of the fp32 softmax other
+implementations keep) plus three fp32 ``[T]`` statistics: the global max ``m``, ``log S`` with
+``S = sum_j exp(z_j - m)`` (so ``lse = m + log S``), and ``H``. The backward recomputes the
+softmax chunk by chunk from those. A full-size fp32 softmax, the usual out-of-memory of
 RL frameworks at 128k-152k vocabularies, is never materialised; the only full-size tensor
 created is the gradient itself, in the logits' dtype.
 
@@ -32,7 +33,9 @@ so for upstream gradients ``g`` (of logp) and ``h`` (of H)::
 
     dL/dz_j = g [j = y] - p_j (g + h (log p_j + H)),      dL/dx_j = dL/dz_j / temperature.
 
-Each term needs only the local ``z_j`` and the already-reduced per-token ``lse`` and ``H``.
+Each term needs only the local ``z_j`` and the already-reduced per-token ``m``, ``log S`` and
+``H``; the backward evaluates it as ``exp(z_j - m) (a + b (z_j - m)) + [j = y] g / temperature``
+with per-token constants ``a`` and ``b`` folded from ``g``, ``h``, ``H`` and ``S``.
 """
 
 from __future__ import annotations
@@ -171,8 +174,9 @@ class _LogprobsEntropy(torch.autograd.Function):
                 wsum_loc.add_(shift * sum_loc).mul_(scale)
                 sum_loc.mul_(scale)
             # SUM of [3, T]: sum-exp and the p*z numerator are sums over vocabulary columns,
-            # which the shards partition; the target logit is nonzero on exactly one rank, so
-            # its sum is that value, bit-exact. One collective carries all three.
+            # which the shards partition; the target logit lives on exactly one rank and the
+            # others contribute 0, so its sum is that value, bit-exact. One collective carries
+            # all three: the cost of a [T] all-reduce is latency, not bytes.
             dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
         else:
             m_glob = m_loc
@@ -193,7 +197,7 @@ class _LogprobsEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
         # No collectives: dL/dx_j (module docstring) needs the local column z_j and the
-        # per-token lse and H, which the forward already all-reduced and saved. The upstream
+        # per-token m, log S and H, which the forward already all-reduced and saved. The upstream
         # gradients g and h are replicated over TP (the loss is computed on every TP rank),
         # and each rank owns the gradient of its own columns only, so there is nothing to
         # reduce — an all-reduce here would multiply the gradient by TP.
