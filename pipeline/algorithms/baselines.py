@@ -77,7 +77,10 @@ def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, *, eps: float = 1e-8,
     if g < 2:
         warn_single_response_groups()
     r = rewards.double()
-    centred = (r - r.mean(dim=1, keepdim=True)).reshape(-1, 1).expand(keep.shape)
-    mean, std, _ = masked_mean_std(centred, keep, unbiased=True, group=group)
-    adv = torch.where(keep, (centred - mean) / (std + eps), 0.0)
-    return adv.to(result_dtype(rewards))
+    centred = (r - r.mean(dim=1, keepdim=True)).reshape(-1)
+    # Token statistics of a per-sequence value: the sequence's value weighted by its length.
+    lengths = keep.sum(dim=1)
+    mean, std, _ = masked_mean_std(centred, lengths > 0, unbiased=True, group=group,
+                                   weights=lengths)
+    whitened = ((centred - mean) / (std + eps)).to(result_dtype(rewards))
+    return torch.where(keep, whitened.unsqueeze(1), torch.zeros((), dtype=whitened.dtype))

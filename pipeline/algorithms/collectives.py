@@ -25,20 +25,24 @@ def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Te
 
 
 def masked_mean_std(values: Tensor, mask: Tensor, *, unbiased: bool,
-                    group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """values, mask: same shape -> (mean, std, count), float64 scalars over the masked entries
-    of every rank in ``group``.
+                    group: dist.ProcessGroup | None = None,
+                    weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """values, mask (, weights): same shape -> (mean, std, count), float64 scalars over the
+    masked entries of every rank in ``group``.
 
-    Two passes (mean, then squared deviations) instead of one sum of squares: rewards and token
-    advantages can sit far from zero, where ``E[x^2] - E[x]^2`` cancels. No entries give mean
-    and std 0; one entry gives std 0 when ``unbiased``.
+    ``weights`` count an entry that many times (e.g. a per-sequence value repeated over its
+    tokens, without materialising [B,T]). Two passes (mean, then squared deviations) instead of
+    one sum of squares: rewards and token advantages can sit far from zero, where
+    ``E[x^2] - E[x]^2`` cancels. No entries give mean and std 0; one entry gives std 0 when
+    ``unbiased``.
     """
     keep = mask.bool()
+    w = keep.double() if weights is None else torch.where(keep, weights.detach().double(), 0.0)
     x = torch.where(keep, values.detach().double(), 0.0)
-    first = all_reduce_sum(torch.stack([x.sum(), keep.sum().double()]), group)
+    first = all_reduce_sum(torch.stack([(w * x).sum(), w.sum()]), group)
     total, count = first[0], first[1]
     mean = total / count.clamp(min=1.0)
-    sq = all_reduce_sum(torch.where(keep, (x - mean) ** 2, 0.0).sum(), group)
+    sq = all_reduce_sum((w * (x - mean) ** 2).sum(), group)
     dof = count - 1.0 if unbiased else count
     std = torch.where(dof > 0, (sq / dof.clamp(min=1.0)).sqrt(), torch.zeros_like(sq))
     return mean, std, count

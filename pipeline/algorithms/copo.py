@@ -67,10 +67,8 @@ def copo_advantages(rewards: Tensor, answer_ids: Tensor, *, correct: Tensor | No
     local = grpo_advantages(rewards, eps=eps).double()
     entropy = consistency_entropy(answer_ids)
     prompt_reward = rewards.double().mean(dim=1)
-    if consistency_reward:
-        if g < 2:
-            raise ValueError("consistency_reward needs groups of at least 2 responses "
-                             "(lambda_G divides by log2 G)")
+    if consistency_reward and g > 1:
+        # lambda_G is undefined for G = 1, where H = 0 and the scale is 1 in the limit anyway.
         prompt_reward = prompt_reward * (1.0 - (1.0 - 1.0 / g) / math.log2(g) * entropy)
     mean, std, _ = masked_mean_std(prompt_reward, torch.ones_like(prompt_reward, dtype=torch.bool),
                                    unbiased=True, group=group)

@@ -84,7 +84,8 @@ def jepo_format_advantages(formatted: Tensor, *, penalty: float = -10.0, eps: fl
         raise ValueError(f"formatted must be a 2-D [P, G] tensor; got {tuple(formatted.shape)}")
     rewards = torch.where(formatted.bool(), 0.0, float(penalty)).double()
     every = torch.ones_like(formatted, dtype=torch.bool)
-    return jepo_normalize(rloo_advantages(rewards), every, eps=eps, clip=clip, group=group)
+    adv = jepo_normalize(rloo_advantages(rewards), every, eps=eps, clip=clip, group=group)
+    return adv.to(torch.get_default_dtype())
 
 
 def jepo_answer_weights(answer_logprob_sums: Tensor, valid: Tensor) -> Tensor:

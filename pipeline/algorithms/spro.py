@@ -34,14 +34,16 @@ def masked_step_advantage(cumulative: Tensor, active: Tensor, *, std: bool = Fal
     0 over active rows.
     """
     keep = active.bool()
-    c = torch.where(keep, cumulative.double(), 0.0)
+    idle = ~keep
+    # One [P,G,T] float64 buffer, updated in place: on CPU each fresh full-size temporary
+    # costs more in page faults than the arithmetic it holds.
+    msa = cumulative.double().masked_fill(idle, 0.0)
     count = keep.sum(dim=1, keepdim=True)
-    mean = c.sum(dim=1, keepdim=True) / count.clamp(min=1)
-    msa = torch.where(keep, c - mean, 0.0)
+    msa.sub_(msa.sum(dim=1, keepdim=True) / count.clamp(min=1)).masked_fill_(idle, 0.0)
     if std:
         var = (msa * msa).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
-        msa = msa / (var.sqrt() + eps)
-    return torch.where(keep & (count >= 2), msa, 0.0)
+        msa.div_(var.sqrt() + eps)
+    return msa.masked_fill_(count < 2, 0.0)
 
 
 def spro_advantages(rewards: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, *,
@@ -58,13 +60,13 @@ def spro_advantages(rewards: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor,
     check_same_shape(old_logprobs, "old_logprobs", mask, "mask")
     check_same_shape(ref_logprobs, "ref_logprobs", mask, "mask")
     keep = mask.bool()
-    process = beta * torch.where(keep, old_logprobs.detach().double() - ref_logprobs.double(), 0.0)
-    cumulative = process.cumsum(dim=1)
+    process = old_logprobs.detach().double() - ref_logprobs.double()
+    cumulative = process.masked_fill_(~keep, 0.0).mul_(beta).cumsum_(dim=1)
     t = mask.shape[1]
     msa = masked_step_advantage(cumulative.view(p, g, t), keep.view(p, g, t), std=msa_std,
                                 eps=eps).view(p * g, t)
     outcome = grpo_advantages(rewards, eps=eps).double().reshape(-1, 1)
-    return torch.where(keep, outcome + msa, 0.0).to(result_dtype(rewards))
+    return msa.add_(outcome).masked_fill_(~keep, 0.0).to(result_dtype(rewards))
 
 
 def spro_advantages_packed(rewards: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor,

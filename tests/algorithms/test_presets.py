@@ -116,3 +116,28 @@ def test_four_micro_batches_give_the_loss_and_gradient_of_one(case):
     (grad_split,) = torch.autograd.grad(total, logp)
     torch.testing.assert_close(total, whole)
     torch.testing.assert_close(grad_split, grad_whole)
+
+
+def _degenerate_steps():
+    single = make_step(prompts=1, group=1)  # one prompt, a group of one
+    empty = make_step(prompts=2, group=3)
+    empty.mask[:] = False
+    empty.answer_mask[:] = False
+    equal = make_step(prompts=2, group=3)
+    equal.rewards[:] = 1.0
+    equal.ref_rewards[:] = 1.0
+    equal.valid[:] = False  # and every JEPO group invalid
+    return {"one prompt, group of one": single, "empty masks": empty,
+            "all-equal rewards, all-invalid JEPO": equal}
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_degenerate_steps_give_finite_losses_and_gradients(case):
+    name, overrides = case
+    algo = get_preset(name, **overrides)
+    for label, step in _degenerate_steps().items():
+        logp = policy_logprobs(step)
+        terms = algo.advantages(step)
+        loss, _ = algo.loss(logp, terms, algo.denominators(terms), entropy=entropy_of(logp))
+        (grad,) = torch.autograd.grad(loss, logp)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), label
