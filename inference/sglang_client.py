@@ -135,6 +135,7 @@ class SGLangClient:
 
     async def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[list[Completion]]:
         """[P] prompts -> [P][n] completions; sample i of prompt p uses row_seed(seed, p, i)."""
+        self._reap()
         seed = sampling.seed if sampling.seed is not None else fresh_seed()
         call = uuid.uuid4().hex[:12]
         tasks = [
@@ -246,9 +247,19 @@ class SGLangClient:
                     logger.error("rollout server %s at %s fails /health; routing around it", worker.name, worker.url)
                 continue
             if alive is False:
-                self._dead.add(worker.url)
-                self.stats["dead_servers"] += 1
-                logger.error("%s", worker.describe_death())
+                self._mark_dead(worker)
+
+    def _reap(self) -> None:
+        """Notice launched workers whose process exited, before they cost a failed request.
+        (Behind a router, requests would not fail at all: the router retries elsewhere.)"""
+        for worker in self.workers:
+            if worker.url not in self._dead and worker.alive() is False:
+                self._mark_dead(worker)
+
+    def _mark_dead(self, worker: ServerHandle) -> None:
+        self._dead.add(worker.url)
+        self.stats["dead_servers"] += 1
+        logger.error("%s", worker.describe_death())
 
     def _death_report(self) -> str:
         dead = [w for w in self.workers if w.url in self._dead or w.alive() is False]

@@ -174,13 +174,19 @@ class SGLangEngine(RolloutEngine):
             except BaseException:
                 self._resume_quietly()
                 raise
-            loaded = 0
+            loaded, sent = 0, False
             try:
                 if cfg.transport == "disk":
-                    loaded = self._update_from_disk(stream, new_version)
+                    if not cfg.disk_dir:
+                        raise ValueError("WeightSyncConfig.disk_dir must name a directory every server can read")
+                    loaded = save_stream_to_dir(stream, cfg.disk_dir, cfg.bucket_bytes)
+                    if loaded:
+                        sent = True
+                        self._loop.run(self._sync.load_from_disk(cfg.disk_dir, new_version))
                 else:
                     for bucket, last in _with_last(iter_buckets(stream, cfg.bucket_bytes)):
                         tag = new_version if last else None
+                        sent = True
                         if cfg.transport == "tensor":
                             self._loop.run(self._sync.send_tensor_bucket(bucket, tag))
                         else:
@@ -189,7 +195,9 @@ class SGLangEngine(RolloutEngine):
                 if loaded == 0:
                     raise ValueError("weight update stream was empty; nothing was loaded")
             except BaseException as err:
-                if loaded:
+                # Once a bucket went out, some server may hold some new tensors: never let
+                # it generate from that mix. Before that, the old weights are intact.
+                if sent:
                     self._inconsistent = f"{type(err).__name__}: {err}"
                 else:
                     self._resume_quietly()
@@ -206,15 +214,6 @@ class SGLangEngine(RolloutEngine):
             self._loop.run(self._sync.resume(), timeout=60.0)
         except Exception as err:  # the original failure is the one to report
             logger.warning("could not resume generation after a failed weight update: %s", err)
-
-    def _update_from_disk(self, stream: WeightStream, version: int) -> int:
-        path = self._sync.config.disk_dir
-        if not path:
-            raise ValueError("WeightSyncConfig.disk_dir must name a directory every server can read for transport='disk'")
-        written = save_stream_to_dir(stream, path, self._sync.config.bucket_bytes)
-        if written:
-            self._loop.run(self._sync.load_from_disk(path, version))
-        return written
 
     def _send_distributed_bucket(self, bucket, version: int | None) -> None:
         if self._sync.group is None:

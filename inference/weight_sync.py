@@ -104,8 +104,11 @@ class WeightSync:
     # ------------------------------------------------------------------ tensor
 
     async def _format(self, worker: ServerHandle) -> tuple[str, int]:
-        info = await self.server_info(worker)
+        """(payload format, TP size) of a worker; asks /get_server_info only when it must."""
         fmt = self.config.tensor_format
+        if fmt == "safetensors":
+            return fmt, 1
+        info = await self.server_info(worker)
         if fmt == "auto":
             fmt = "safetensors" if info.get(SERVER_KIND_KEY) else "sglang"
         return fmt, int(info.get("tp_size", 1))
