@@ -44,6 +44,8 @@ def jepo_advantages(answer_logprob_sums: Tensor, valid: Tensor, *, multi_sample:
     if multi_sample:
         logits = torch.where(keep, x, -math.inf)
         bound = torch.logsumexp(logits, dim=1, keepdim=True) - n.clamp(min=1).log()
+        # Leave-one-out over a [P,G,G] copy with the diagonal removed: exact, where the O(G)
+        # form log(exp(lse) - exp(ell_i)) cancels catastrophically when ell_i dominates.
         others = logits.unsqueeze(1).expand(-1, logits.shape[1], -1).clone()
         others.diagonal(dim1=1, dim2=2).fill_(-math.inf)
         loo_bound = torch.logsumexp(others, dim=2) - (n - 1).clamp(min=1).log()

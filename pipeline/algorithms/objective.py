@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from pipeline.algorithms.aggregation import AGGREGATION_MODES, Denominators, aggregate
@@ -70,18 +71,20 @@ def finish_loss(cfg: AlgorithmConfig, policy_loss: Tensor, logprobs: Tensor, ter
                 ) -> tuple[Tensor, dict[str, Tensor]]:
     """[B,T] per-token policy loss, [B,T] logprobs (grad) -> (scalar loss share, metrics).
 
-    ``policy_loss`` covers ``terms.loss_mask``; the TIS weight multiplies it, while the KL
-    (``+ kl_coef * agg(kl)``) and the entropy bonus (``- entropy_coef * agg(H)``) cover
-    ``terms.mask`` (the sampled tokens). All terms share ``cfg.aggregation`` and the step's
-    ``denominators``. ``entropy``: [B,T] token entropy of the policy, with grad.
+    ``policy_loss`` covers ``terms.loss_mask``. The TIS weight, the KL (``+ kl_coef *
+    agg(kl)``) and the entropy bonus (``- entropy_coef * agg(H)``) cover the sampled tokens
+    ``terms.mask``. All terms share ``cfg.aggregation`` and the step's ``denominators``.
+    ``entropy``: [B,T] token entropy of the policy, with grad.
     """
     old = on_policy_old(logprobs, terms)
     if cfg.tis is not None:
         if terms.rollout_logprobs is None:
             raise ValueError(f"tis={cfg.tis!r} needs StepBatch.rollout_logprobs: the rollout "
                              f"engine's log-probs of the sampled tokens")
-        policy_loss = policy_loss * tis_weights(old, terms.rollout_logprobs, terms.loss_mask,
-                                                mode=cfg.tis, cap=cfg.tis_cap, low=cfg.tis_low)
+        weights = tis_weights(old, terms.rollout_logprobs, terms.mask, mode=cfg.tis,
+                              cap=cfg.tis_cap, low=cfg.tis_low)
+        # Only sampled tokens have an engine log-prob; JEPO's appended answer keeps weight 1.
+        policy_loss = policy_loss * torch.where(terms.mask, weights, 1.0)
 
     def share(per_token: Tensor, mask: Tensor) -> Tensor:
         return aggregate(per_token, mask, cfg.aggregation, num_tokens=denominators.num_tokens,

@@ -141,3 +141,17 @@ def test_degenerate_steps_give_finite_losses_and_gradients(case):
         loss, _ = algo.loss(logp, terms, algo.denominators(terms), entropy=entropy_of(logp))
         (grad,) = torch.autograd.grad(loss, logp)
         assert torch.isfinite(loss) and torch.isfinite(grad).all(), label
+
+
+def test_tis_weighs_only_sampled_tokens_not_jepo_answer_tokens():
+    step = make_step()
+    logp = policy_logprobs(step)
+    grads = []
+    for tis in (None, "truncate"):
+        algo = get_preset("jepo", tis=tis, kl_coef=0.0)
+        terms = algo.advantages(step)
+        loss, _ = algo.loss(logp, terms, algo.denominators(terms))
+        grads.append(torch.autograd.grad(loss, logp)[0])
+    answer = step.answer_mask
+    torch.testing.assert_close(grads[1][answer], grads[0][answer])
+    assert not torch.allclose(grads[1][step.mask], grads[0][step.mask])
