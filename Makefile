@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 train: $(STAMP)
+	$(PY) examples/tiny/make_assets.py
 	$(PY) -m pipeline.cli train --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)

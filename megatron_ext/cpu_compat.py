@@ -128,7 +128,9 @@ def _cuda_type_string(self, dtype=None, non_blocking=False, **kwargs):
     """Patch 4: ``t.type()`` of a CPU tensor reads as its CUDA twin."""
     if dtype is None and not kwargs and self.device.type == "cpu":
         name = _orig_type(self)
-        return name.replace("torch.", "torch.cuda.", 1)
+        # Under the TorchFunctionMode the original call re-enters this function through
+        # __torch_function__, so the name may already carry the prefix.
+        return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
     return _orig_type(self, dtype, non_blocking, **kwargs)
 
 

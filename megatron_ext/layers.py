@@ -149,20 +149,33 @@ class SDPAttention(MegatronModule):
     def _forward_packed(self, query, key, value, params, dropout):
         cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         seq_lens = (cu[1:] - cu[:-1]).cpu()
+        t = query.shape[0]
         if self.cp_size > 1:
             key = _AllGatherCP.apply(key, self.cp_group)
             value = _AllGatherCP.apply(value, self.cp_group)
             mask = self._cp_mask(seq_lens, seq_lens, query.device)
-        else:
-            seg = torch.repeat_interleave(torch.arange(len(seq_lens)), seq_lens).to(query.device)
-            idx = torch.arange(seg.numel(), device=query.device)
-            # Block-diagonal causal: same sequence and key not after query. Contiguous packing
-            # makes global index order equal to within-sequence order.
-            mask = (seg[:, None] == seg[None, :]) & (idx[:, None] >= idx[None, :])
-        t = query.shape[0]
-        out = self._sdpa(query.permute(1, 0, 2).unsqueeze(0), key.permute(1, 0, 2).unsqueeze(0),
-                         value.permute(1, 0, 2).unsqueeze(0), mask, False, dropout)
-        return out.squeeze(0).permute(1, 0, 2).reshape(t, -1)
+            out = self._sdpa(query.permute(1, 0, 2).unsqueeze(0), key.permute(1, 0, 2).unsqueeze(0),
+                             value.permute(1, 0, 2).unsqueeze(0), mask, False, dropout)
+            return out.squeeze(0).permute(1, 0, 2).reshape(t, -1)
+        # One padded batch of the pack's sequences, [n, heads, L_max, dim]: the cost is
+        # n * L_max^2 instead of t^2 for a block-diagonal mask over the whole pack.
+        n, width = len(seq_lens), int(seq_lens.max())
+        starts = cu[:-1].to(torch.long).cpu()
+        pos = torch.arange(width)
+        valid = pos[None, :] < seq_lens[:, None]  # [n, L]
+        index = (starts[:, None] + pos[None, :]).clamp(max=t - 1).to(query.device)
+
+        def batch(x):  # [t, h, d] -> [n, h, L, d]
+            return x[index].permute(0, 2, 1, 3)
+
+        # Causal within each sequence, padded keys masked; padded queries still see key 0, so
+        # no row is fully masked (no NaN), and their outputs are dropped below.
+        mask = (pos[:, None] >= pos[None, :])[None, None] & valid[:, None, None, :]
+        out = self._sdpa(batch(query), batch(key), batch(value), mask.to(query.device), False, dropout)
+        out = out.permute(0, 2, 1, 3)[valid.to(query.device)]  # [t_real, h, d], pack order
+        if out.shape[0] < t:  # cu_seqlens does not cover trailing positions: keep them zero
+            out = torch.cat([out, out.new_zeros(t - out.shape[0], *out.shape[1:])])
+        return out.reshape(t, -1)
 
     def _cp_mask(self, q_lens, k_lens, device):
         """Bool [t_q_local, t_k_gathered] causal mask between this rank's queries and all keys."""

@@ -152,11 +152,34 @@ def train_step(model: list, optimizer, forward_step: Callable, microbatches: lis
     losses = fb(forward_step_func=step_fn, data_iterator=iters, model=model if len(model) > 1 else model[0],
                 num_microbatches=len(microbatches), seq_length=seq_length,
                 micro_batch_size=micro_batch_size, forward_only=False)
+    if not grads_finite(model):
+        # A NaN/Inf loss or gradient on any rank: skip the update everywhere so the weights
+        # stay the last good ones (fp32/bf16 megatron optimizers would apply it).
+        for m in model:
+            m.zero_grad_buffer()
+        optimizer.zero_grad()
+        return StepResult(losses=list(losses), grad_norm=None, update_successful=False)
     ok, grad_norm, _ = optimizer.step()
     if ok and scheduler is not None:
         scheduler.step(increment=1)
     return StepResult(losses=list(losses), grad_norm=None if grad_norm is None else float(grad_norm),
                       update_successful=bool(ok))
+
+
+def grads_finite(model: list) -> bool:
+    """All main gradients finite on every rank (one all-reduce over the world)."""
+    bad = torch.zeros((), dtype=torch.float32)
+    for chunk in model:
+        for p in chunk.parameters():
+            g = getattr(p, "main_grad", None)
+            if g is None:
+                g = p.grad
+            if g is not None and not bool(torch.isfinite(g).all()):
+                bad.fill_(1.0)
+                break
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 def forward_only(model: list, forward_step: Callable, microbatches: list, seq_length: int,
