@@ -227,15 +227,25 @@ def encode_bucket_sglang(bucket: Sequence[tuple[str, torch.Tensor]], tp_size: in
     the server must run on the same node and the tensors must stay alive until the
     request returns.
     """
-    try:
-        from sglang.srt.utils import MultiprocessingSerializer
-    except ImportError as err:
-        raise RuntimeError(
-            "update_weights_from_tensor with real SGLang servers needs the sglang package "
-            "(install the `gpu` extra) to serialize tensors"
-        ) from err
-    payload = MultiprocessingSerializer.serialize(list(bucket), output_str=True)
+    serializer = _sglang_serializer()
+    # Every TP rank gets the same handles: each opens the IPC memory of the trainer's GPU.
+    payload = serializer.serialize(list(bucket), output_str=True)
     return [payload] * tp_size
+
+
+def _sglang_serializer():
+    """SGLang's MultiprocessingSerializer, imported lazily (sglang lives in the gpu extra only)."""
+    import importlib
+
+    for module in ("sglang.srt.utils", "sglang.srt.utils.common"):  # it moved between releases
+        try:
+            return importlib.import_module(module).MultiprocessingSerializer
+        except (ImportError, AttributeError):
+            continue
+    raise RuntimeError(
+        "update_weights_from_tensor with real SGLang servers needs the sglang package "
+        "(install the `gpu` extra) to serialize tensors"
+    )
 
 
 def dtype_to_wire(dtype: torch.dtype) -> str:

@@ -89,6 +89,7 @@ class StandInServer:
         self.scheduler: BatchScheduler | None = None
         self.max_batch_size = max_batch_size
         self.groups: dict[str, Any] = {}
+        self.groups_backend: dict[str, str] = {}
         self.started = time.time()
 
     def app(self) -> web.Application:
@@ -165,7 +166,8 @@ class StandInServer:
         body = await _body(request)
         if body.get("stream"):
             raise ProtocolError("stream=true is not supported by the stand-in server")
-        if body.get("top_logprobs_num") or body.get("return_input_logprob") or (body.get("logprob_start_len") or -1) >= 0:
+        start = body.get("logprob_start_len")
+        if body.get("top_logprobs_num") or body.get("return_input_logprob") or (start is not None and start >= 0):
             raise ProtocolError("the stand-in server returns output-token log-probs only")
         ids = body.get("input_ids")
         if ids is None:
@@ -230,8 +232,11 @@ class StandInServer:
 
     # ------------------------------------------------------------------ weights
 
-    async def _load(self, bucket_source, weight_version, what: str) -> tuple[bool, str]:
+    async def _load(self, bucket_source, body: dict, what: str) -> tuple[bool, str]:
         """Load weights on the engine thread; the version changes only when one is given (as SGLang)."""
+        if body.get("abort_all_requests"):
+            self.scheduler.abort_all()
+        weight_version = body.get("weight_version")
         version = parse_weight_version(weight_version) if weight_version is not None else self.engine.weight_version
         try:
             await self.scheduler.run_exclusive(lambda: self.engine.update_weights(bucket_source(), version=version))
@@ -256,14 +261,14 @@ class StandInServer:
             return _result(False, "serialized_named_tensors is empty")
         # One entry per TP rank; the stand-in is TP rank 0 of 1.
         bucket = decode_bucket_safetensors(entries[0])
-        return _result(*await self._load(lambda: [bucket], body.get("weight_version"), "update_weights_from_tensor"))
+        return _result(*await self._load(lambda: [bucket], body, "update_weights_from_tensor"))
 
     async def update_weights_from_disk(self, request):
         body = await _body(request)
         path = body.get("model_path")
         if not path:
             return _result(False, "model_path is required", num_paused_requests=0)
-        ok, message = await self._load(lambda: iter_safetensors_dir(path), body.get("weight_version"), "update_weights_from_disk")
+        ok, message = await self._load(lambda: iter_safetensors_dir(path), body, "update_weights_from_disk")
         return _result(ok, message, num_paused_requests=0)
 
     async def init_weights_update_group(self, request):
@@ -282,6 +287,7 @@ class StandInServer:
         except (KeyError, RuntimeError, ValueError) as err:
             return _result(False, f"init_weights_update_group failed: {err!r}")
         self.groups[name] = group
+        self.groups_backend[name] = backend
         logger.info("joined weight group %r as rank %s of %s", name, body["rank_offset"], body["world_size"])
         return _result(True, "Succeeded to initialize custom process group.")
 
@@ -295,16 +301,19 @@ class StandInServer:
         if not (len(names) == len(dtypes) == len(shapes)) or not names:
             return _result(False, "names, dtypes and shapes must be non-empty and of equal length")
 
+        # NCCL receives into device memory; gloo into host memory.
+        device = self.engine.device if self.groups_backend.get(name) == "nccl" else "cpu"
+
         def receive():
             import torch
 
-            tensors = [torch.empty(shape, dtype=dtype_from_wire(d)) for shape, d in zip(shapes, dtypes)]
+            tensors = [torch.empty(shape, dtype=dtype_from_wire(d), device=device) for shape, d in zip(shapes, dtypes)]
             broadcast_tensors(group, tensors)
             return [list(zip(names, tensors))]
 
         # Receiving must not wait behind a long batch while the trainer blocks in broadcast,
         # but it must not race a batch either: take the model lock, receive, then load.
-        return _result(*await self._load(receive, body.get("weight_version"), "update_weights_from_distributed"))
+        return _result(*await self._load(receive, body, "update_weights_from_distributed"))
 
     async def destroy_weights_update_group(self, request):
         body = await _body(request)
