@@ -201,6 +201,8 @@ class EmbeddedEngine(RolloutEngine):
 
     @torch.inference_mode()
     def _run_batch(self, rows, checkers, should_abort) -> list[Completion]:
+        """B rows -> B completions: one prefill over the left-padded prompts [B, L] keeping
+        the last logits [B, V], then one decode step [live, 1] per new token."""
         device = self.device
         batch = len(rows)
         lengths = [len(r.prompt_token_ids) for r in rows]

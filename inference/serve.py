@@ -183,8 +183,6 @@ class StandInServer:
         rows = []
         for p, (prompt, wire) in enumerate(zip(prompts, params)):
             sampling, seed = sampling_from_wire(wire)
-            if not prompt:
-                raise ProtocolError(f"input_ids[{p}] is empty")
             try:
                 self.engine.check_prompt(p, prompt)
             except ValueError as err:
