@@ -84,7 +84,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, daemon=True,
+    # Not daemonic: ranks may start their own workers (reward pools); they are joined or
+    # killed in the finally block below.
+    procs = [ctx.Process(target=_worker, daemon=False,
                          args=(r, world_size, port, fn, args, results, dict(env or {})))
              for r in range(world_size)]
     for p in procs:

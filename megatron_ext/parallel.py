@@ -79,7 +79,14 @@ def discover_env(rank: int | None = None, world_size: int | None = None,
     addr = env.get("MASTER_ADDR")
     if addr is None:
         addr = first_slurm_host(env["SLURM_JOB_NODELIST"]) if "SLURM_JOB_NODELIST" in env else "127.0.0.1"
-    port = int(env.get("MASTER_PORT", 29500))
+    if "MASTER_PORT" in env:
+        port = int(env["MASTER_PORT"])
+    elif world_size == 1:
+        from .multirank import free_port
+
+        port = free_port()  # a lone process needs no agreed port; 29500 may be taken
+    else:
+        port = 29500
     return DistEnv(rank, world_size, local_rank, addr, port)
 
 

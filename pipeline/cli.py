@@ -58,7 +58,13 @@ def cmd_train(args) -> int:
 
         run_ranks(_train_rank, args.nproc, cfg, timeout=args.timeout)
         return 0
-    _train_rank(None, world, cfg)
+    from pipeline.data import DataError
+
+    try:
+        _train_rank(None, world, cfg)
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -243,38 +243,61 @@ class Trainer:
         """Rows for Megatron and the StepBatch of this rank (old/ref log-probs included)."""
         from pipeline.algorithms import StepBatch
 
-        rows = [Row(tokens=g.prompt_ids + resp, loss_start=len(g.prompt_ids))
-                for g in groups for resp in g.responses]
+        jepo = self.algo.name == "jepo"
+        if jepo:
+            rows, mask, extra = self._jepo_rows(groups)
+        else:
+            rows = [Row(tokens=g.prompt_ids + resp, loss_start=len(g.prompt_ids))
+                    for g in groups for resp in g.responses]
+            extra = {}
         budget = self.cfg.trainer.micro_batch_tokens
         chunk = self.cfg.trainer.logprob_chunk_tokens
-        old, ent = compute_logprobs(self.model, rows, token_budget=budget, temperature=self.cfg.rollout.temperature,
+        temp = self.cfg.rollout.temperature
+        old, ent = compute_logprobs(self.model, rows, token_budget=budget, temperature=temp,
                                     vocab_size=self.vocab, chunk_size=chunk, with_entropy=True)
         ref = None
         if self.ref_weights is not None:
             with self.ref_weights.active(self.model):
-                ref = compute_logprobs(self.model, rows, token_budget=budget,
-                                       temperature=self.cfg.rollout.temperature,
+                ref = compute_logprobs(self.model, rows, token_budget=budget, temperature=temp,
                                        vocab_size=self.vocab, chunk_size=chunk)
         width = max(r.n_scored for r in rows)
-        mask = torch.zeros(len(rows), width)
-        for i, r in enumerate(rows):
-            mask[i, :r.n_scored] = 1.0
+        if not jepo:
+            mask = torch.zeros(len(rows), width)
+            for i, r in enumerate(rows):
+                mask[i, :r.n_scored] = 1.0
         rollout_lp = [lp for g in groups for lp in g.rollout_logprobs]
-        n = len(groups[0].responses)
         kw = dict(
             rewards=torch.tensor([g.rewards for g in groups], dtype=torch.float32),
             mask=mask, old_logprobs=_pad(old, width), rollout_logprobs=_pad(rollout_lp, width),
-            correct=torch.tensor([g.correct for g in groups]).float(),
-        )
+            correct=torch.tensor([g.correct for g in groups]).float(), **extra)
         if ref is not None:
             kw["ref_logprobs"] = _pad(ref, width)
         if groups[0].answer_ids is not None:
             kw["answer_ids"] = torch.tensor([g.answer_ids for g in groups])
         if groups[0].ref_rewards is not None:
             kw["ref_rewards"] = torch.tensor([g.ref_rewards for g in groups], dtype=torch.float32)
-        assert all(len(g.responses) == n for g in groups), "ragged groups"
         entropy_sum = float(sum(e.sum() for e in ent))
         return rows, StepBatch(**kw), entropy_sum
+
+    def _jepo_rows(self, groups: list[Group]):
+        """JEPO trains on ``prompt + c_i + a*``: the sample cut after the delimiter, then the
+        reference answer's tokens (spec section 5); the answer tokens get their own mask."""
+        from pipeline.algorithms import build_jepo_sequence, pad_jepo_sequences
+
+        cfg = self.algo.config
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        seqs, rows = [], []
+        for g in groups:
+            answer = self.tokenizer(g.answer or "", add_special_tokens=False)["input_ids"]
+            for resp in g.responses:
+                seq = build_jepo_sequence(resp, answer, decode, delimiter=cfg.delimiter,
+                                          eos_id=self.tokenizer.eos_token_id if cfg.answer_eos else None)
+                seqs.append(seq)
+                rows.append(Row(tokens=g.prompt_ids + seq.tokens.tolist(), loss_start=len(g.prompt_ids)))
+        _, cot, answer_mask, valid, formatted = pad_jepo_sequences(seqs)
+        shape = (len(groups), len(groups[0].responses))
+        return rows, cot.float(), {"answer_mask": answer_mask.float(),
+                                   "valid": valid.view(shape), "formatted": formatted.view(shape)}
 
     def _update(self, rows: list[Row], terms, n_groups: int):
         cfg, topo = self.cfg, self.topo

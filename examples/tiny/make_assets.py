@@ -1,10 +1,10 @@
 """Build the tiny CPU example's assets locally (nothing is downloaded): a character-level
-tokenizer, a randomly initialised ~0.6M-parameter Qwen2 model in Hugging Face format, and a
-2-digit addition task split into train and held-out eval sets.
+tokenizer, a randomly initialised ~0.6M-parameter Qwen2 model in Hugging Face format, and an
+addition task (a two-digit plus a one-digit number) split into train and held-out eval sets.
 
     python examples/tiny/make_assets.py [--out examples/tiny/build] [--force]
 
-A prompt is ``"37+48="``; a correct response is ``"#85"`` then end-of-sequence; the reward
+A prompt is ``"37+8="``; a correct response is ``"#45"`` then end-of-sequence; the reward
 reads the answer after ``#`` and checks it with math-verify. Idempotent: existing assets are
 kept unless ``--force``.
 """
@@ -45,8 +45,10 @@ def build_model(tokenizer, seed: int):
     return Qwen2ForCausalLM(config)
 
 
-def build_data(out: str, seed: int, eval_size: int = 256) -> None:
-    pairs = [(a, b) for a in range(100) for b in range(100)]
+def build_data(out: str, seed: int, eval_size: int = 200) -> None:
+    # Two-digit + one-digit: a 0.6M-parameter model picks up the carry within ~200 supervised
+    # steps (2+2 digits takes several times longer), so warm-up plus RL fit in minutes on CPU.
+    pairs = [(a, b) for a in range(100) for b in range(10)]
     random.Random(seed).shuffle(pairs)
     for name, part in (("eval", pairs[:eval_size]), ("train", pairs[eval_size:])):
         with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
