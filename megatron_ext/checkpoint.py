@@ -259,6 +259,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler=None,
     try:
         model_sd = model_sharded_state_dict(model)
         state = dict(model_sd)
+        _zero_adam_state(optimizer)  # before the first step there is no state to save
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=dict(_OPT_METADATA))
         dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy())
         coords = _coords()
@@ -382,8 +383,10 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
 
 
 def _zero_adam_state(optimizer) -> None:
-    """Give every parameter of the inner torch optimizer(s) zero Adam state (and a step), the
-    shape a loaded state is copied into; torch AdamW has no state before its first step."""
+    """Give every parameter of the inner torch optimizer(s) that has no state zero Adam state
+    and its own ``step`` of 0 — what AdamW's first step would create, so stepping after it is
+    unchanged. Torch AdamW has no state before its first step, and megatron-core can neither
+    save that (the distributed optimizer asserts) nor load into it."""
     from .cpu_compat import _inner_torch_optimizers
 
     for opt in _inner_torch_optimizers(optimizer):
