@@ -330,3 +330,37 @@ def _load_stream(targets, mapping: HFMapping, stream, source: str) -> None:
 
 def _names_of(targets, indices, mapping: HFMapping) -> set[str]:
     return {n for i in indices for n in mapping.hf_names(targets[i][1], targets[i][2])}
+
+
+def write_hf_checkpoint(model, out_dir: str, *, hf_config, config_path: str | None = None,
+                        files_dir: str | None = None, shard_bytes: int = 2 << 30,
+                        force: bool = False) -> None:
+    """Write the live model as a Hugging Face checkpoint directory, all-or-nothing. Collective.
+
+    Sharded safetensors (+ index) from :func:`export_hf_weights` on the single export rank;
+    ``config_path`` (default ``<files_dir>/config.json``) is copied as ``config.json`` with the
+    stored dtype recorded; ``files_dir``'s tokenizer and generation-config files come along.
+    """
+    import os
+    import shutil
+
+    from .checkpoint import staged_directory
+    from .hf.files import ShardedSafetensorsWriter, copy_metadata_files, set_config_dtype
+
+    config_path = config_path or (os.path.join(files_dir, "config.json") if files_dir else None)
+    if config_path is None:
+        raise ValueError("write_hf_checkpoint needs config_path or files_dir (for config.json)")
+    writes = is_export_rank(gather_pipeline=True)
+    with staged_directory(out_dir, force=force) as tmp:
+        writer = ShardedSafetensorsWriter(tmp) if writes else None
+        for bucket in export_hf_weights(model, bucket_bytes=shard_bytes, hf_config=hf_config,
+                                        gather_pipeline=True):
+            if writes:
+                writer.write_shard(bucket)
+        if writes:
+            writer.close()
+            if files_dir:
+                copy_metadata_files(files_dir, tmp)
+            shutil.copyfile(config_path, os.path.join(tmp, "config.json"))
+            param = next(_chunks(model)[0].parameters())
+            set_config_dtype(os.path.join(tmp, "config.json"), param.dtype)

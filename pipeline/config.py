@@ -32,7 +32,8 @@ class RolloutConfig:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int = 0
     batch_size: int = 64  # embedded engine: rows decoded together
-    urls: list[str] = field(default_factory=list)  # engine=http
+    urls: list[str] = field(default_factory=list)  # engine=http: worker addresses
+    router_url: str | None = None  # engine=http: an sglang-router in front of the workers
     sglang: dict[str, Any] = field(default_factory=dict)  # engine=sglang: passthrough server args
     max_resample_rounds: int = 3  # DAPO dynamic sampling: extra generation rounds per step
     weight_bucket_mb: int = 64  # weight-sync bucket size

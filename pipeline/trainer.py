@@ -371,6 +371,9 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.trainer.seed)
         n = len(self.dataset)
         for i in range(cfg.trainer.warmup_sft_steps):
+            if self._stop_everywhere():
+                # No checkpoint: the warm-up is short and a resumed run (step 0) redoes it.
+                raise SystemExit("SIGTERM during the supervised warm-up: stopping without a checkpoint")
             pick = torch.randint(0, n, (cfg.trainer.warmup_sft_batch,), generator=gen).tolist()
             recs = [self.dataset.get(j) for j in pick]
             recs = [r for r in recs if hasattr(r, "prompt_ids")]

@@ -13,7 +13,7 @@ import pytest
 
 from megatron_ext.multirank import run_ranks
 
-from .trainer_jobs import faults_job, presets_job, resume_job
+from .trainer_jobs import faults_job, presets_job, resume_job, sglang_standin_job
 
 PRESETS = ["grpo", "dr_grpo", "rloo", "reinforce_pp", "dapo", "gspo", "pods", "copo", "aapo",
            "jepo", "spro"]
@@ -48,6 +48,14 @@ def test_nan_step_is_skipped_and_reward_errors_counted(tmp_path):
     assert r["nan_skipped"] == 1 and r["untouched"]
     assert r["moved"] and r["finite_after"]
     assert r["reward_errors"] > 0
+
+
+def test_sglang_engine_path_with_stand_in_workers_and_router(tmp_path):
+    r = run_ranks(sglang_standin_job, 1, str(tmp_path), timeout=300)[0]
+    assert r["loss"] is not None and math.isfinite(r["loss"])
+    assert r["responses"] > 0
+    # Both workers behind the router serve the version the trainer pushed last.
+    assert r["versions"] == [str(r["trainer_version"])] * 2 or r["versions"] == [r["trainer_version"]] * 2
 
 
 def _cli(args, **kw):

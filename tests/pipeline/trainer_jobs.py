@@ -129,3 +129,28 @@ def faults_job(rank, world_size, tmp):
     return {"nan_skipped": m1["nan_steps_skipped"], "untouched": untouched, "moved": moved,
             "reward_errors": m1["reward_errors"] + m2["reward_errors"],
             "finite_after": m2["loss"] == m2["loss"]} if rank == 0 else None
+
+
+def sglang_standin_job(rank, world_size, tmp):
+    """One step with rollout.engine=sglang on CPU: two `groupwise serve` stand-in workers
+    behind the real sglang-router, weights pushed over HTTP, then checked on both workers."""
+    import json
+    import urllib.request
+
+    from pipeline.trainer import Trainer
+
+    t = Trainer(_config(f"{tmp}/sglang", [
+        "rollout.engine=sglang",
+        "rollout.sglang={kind: stand-in, num_servers: 2, health_timeout_s: 120, "
+        f"log_dir: {tmp}/server-logs}}"]))
+    try:
+        t.sync_weights()
+        m = t.train_one_step()
+        versions = []
+        for w in t.engine.workers:
+            with urllib.request.urlopen(w.url + "/get_weight_version", timeout=30) as r:
+                versions.append(json.load(r).get("weight_version"))
+        return {"loss": m.get("loss"), "trainer_version": t.weight_version, "versions": versions,
+                "responses": m["response_length"]}
+    finally:
+        t.close()
