@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from typing import Any
@@ -49,7 +50,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_yaml(path: str) -> dict:
+def load_yaml(path: str, _seen: tuple = ()) -> dict:
+    """A YAML mapping; a top-level ``base: other.yaml`` (relative to this file) is loaded
+    first and this file's keys are merged over it, section by section."""
+    if os.path.abspath(path) in _seen:
+        raise ConfigError(f"config file {path}: `base` chain loops back to itself")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -61,7 +66,20 @@ def load_yaml(path: str) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: the top level must be a mapping")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: base must be a file name, got {base!r}")
+    base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base)
+    return _merge(load_yaml(base_path, _seen + (os.path.abspath(path),)), data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load(cls, path: str | None = None, overrides: list[str] | None = None, data: dict | None = None):

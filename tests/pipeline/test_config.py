@@ -81,3 +81,24 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys):
 
     assert main(["train", "--config", TINY, "rollout.temprature=0.5"]) == 2
     assert "rollout.temprature" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "dapo", "gspo",
+                                  "pods", "copo", "aapo", "jepo", "spro"])
+def test_every_tiny_example_config_validates(name):
+    cfg = load_job_config(f"examples/tiny/{name}.yaml")
+    assert cfg.algorithm["name"] == name
+    assert validate(cfg, 1)["dp"] == 1
+    assert cfg.logging.run_dir == f"runs/tiny-{name}"
+
+
+def test_base_chain_merges_sections(tmp_path):
+    (tmp_path / "a.yaml").write_text("trainer: {steps: 5, seed: 3}\nrollout: {n_samples: 2}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrainer: {steps: 9}\n")
+    from pipeline.config_io import load_yaml
+
+    assert load_yaml(str(tmp_path / "b.yaml")) == {"trainer": {"steps": 9, "seed": 3},
+                                                   "rollout": {"n_samples": 2}}
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_yaml(str(tmp_path / "c.yaml"))
