@@ -16,17 +16,17 @@ HF = dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=
           max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-6)
 
 
-def _setup(tp=1, pp=1, sp=False, opt=None, hf=HF):
+def _setup(tp=1, pp=1, sp=False, opt=None, hf=HF, cp=1):
     from megatron_ext.model import (ModelConfig, build_transformer_config, load_hf_config,
                                     model_provider)
     from megatron_ext.parallel import ParallelConfig, initialize
     from megatron_ext.train import OptimizerConfig, build_policy
 
-    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sp),
-               seed=SEED)
+    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, context_parallel=cp,
+                              sequence_parallel=sp), seed=SEED)
     hfc = load_hf_config(hf)
     mc = ModelConfig(hf_config=hfc)
-    cfg = build_transformer_config(hfc, mc, tp=tp, pp=pp, sequence_parallel=sp)
+    cfg = build_transformer_config(hfc, mc, tp=tp, pp=pp, cp=cp, sequence_parallel=sp)
     model, optimizer = build_policy(model_provider(hfc, cfg, mc), cfg,
                                     opt or OptimizerConfig(lr=1e-2, clip_grad=0.0, adam_eps=1e-3))
     # adam_eps well above gradient rounding noise: Adam divides by sqrt(v), which turns
@@ -146,6 +146,36 @@ def _logits(model, tokens):
     return out
 
 
+def _cp_step(model, tokens):
+    """Forward/backward of the LM loss on this CP rank's chunks; returns (logits at the full
+    positions, NaN elsewhere; gathered grads; loss summed over CP)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    cp, r = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    s = inputs.shape[1]
+    chunk = s // (2 * cp)
+    idx = torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in (r, 2 * cp - 1 - r)])
+    for m in model:
+        m.zero_grad_buffer()
+    out = model[0](inputs[:, idx], idx.expand(inputs.shape[0], -1), None)
+    nll = tensor_parallel.vocab_parallel_cross_entropy(
+        out.transpose(0, 1).float().contiguous(), labels[:, idx].transpose(0, 1).contiguous())
+    loss = nll.sum() / labels.numel()
+    # DDP averages gradients over DP x CP; each CP rank holds part of the loss's numerator.
+    (loss * cp).backward()
+    model[0].finish_grad_sync()
+    full = torch.full((inputs.shape[0], s, out.shape[-1]), float("nan"))
+    full[:, idx] = out.detach().float()
+    parts = [torch.empty_like(full) for _ in range(cp)]
+    dist.all_gather(parts, full, group=ps.get_context_parallel_group())
+    logits = torch.stack(parts).nan_to_num(0.0).sum(0)
+    total = loss.detach().clone()
+    dist.all_reduce(total, group=ps.get_context_parallel_group())
+    return logits, gather_full(model, "main_grad"), float(total)
+
+
 def layouts_job(rank, world_size):
     """TP2 (+/-SP), PP2 and DP2 on 2 ranks, each against the 1-way reference on the same data."""
     g = torch.Generator().manual_seed(7)
@@ -172,6 +202,12 @@ def layouts_job(rank, world_size):
     load_full(model, ref)
     results["pp2_loss"] = _lm_step(model, opt, tokens, 2, do_step=False)
     results["pp2_grads"] = gather_full(model, "main_grad")
+
+    # CP=2: each rank holds the load-balanced chunks (r, 3-r) of every sequence; its logits
+    # and the summed gradients must equal the full-sequence ones.
+    model, opt, _ = _setup(cp=2)
+    load_full(model, ref)
+    results["cp2_logits"], results["cp2_grads"], results["cp2_loss"] = _cp_step(model, tokens)
 
     # One optimizer step: DP=2 (2 ranks, TP1) vs the same step with TP=2 (DP=1), both with
     # 1 and 4 micro-batches; the parameters after the step must agree.

@@ -42,3 +42,9 @@ def test_data_parallel_step_matches_single(results):
     moved = _max_diff(results["dp2_params1"], results["ref_params0"])
     assert moved > 1e-4, "the optimizer step did not change the weights"
     assert _max_diff(results["dp2_params1"], results["dp1_params1"]) < 1e-5
+
+
+def test_context_parallel_matches_single(results):
+    assert float((results["cp2_logits"] - results["ref_logits"]).abs().max()) < 1e-5
+    assert abs(results["cp2_loss"] - results["ref_loss"]) < 1e-5
+    assert _max_diff(results["cp2_grads"], results["ref_grads"]) < 1e-5
