@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
-from .hf.mapping import GATE_UP, VOCAB, HFMapping, Row, WeightMismatchError
+from .hf.mapping import GATE_UP, HFMapping, Row, WeightMismatchError
 
 NamedTensor = tuple[str, torch.Tensor]
 
@@ -116,8 +116,7 @@ def load_hf_weights(model, weights, *, hf_config, optimizer=None,
         with torch.no_grad():
             for _, row, layer, p in targets:
                 names = mapping.hf_names(row, layer)
-                _assign(p, row, mapping.from_hf(row, layer, [weights[n] for n in names],
-                                                _padded_rows(p, row), source))
+                _assign(mapping, p, row, layer, [weights[n] for n in names], source)
     else:
         _load_stream(targets, mapping, weights, source)
     if optimizer is not None:
@@ -255,24 +254,11 @@ def _numel(shape) -> int:
 # -- load --------------------------------------------------------------------------------
 
 
-def _padded_rows(p: torch.Tensor, row: Row) -> int:
-    if row.layout != VOCAB:
-        return 0
-    tp, _, _ = _tp()
-    return p.shape[0] * tp
-
-
-def _assign(p: torch.Tensor, row: Row, full: torch.Tensor) -> None:
-    """Copy this rank's slice of the full Megatron tensor into ``p`` (dtype cast allowed)."""
+def _assign(mapping: HFMapping, p: torch.Tensor, row: Row, layer: int | None,
+            tensors: list[torch.Tensor], source: str) -> None:
+    """Write this rank's TP shard of ``row``, built from its HF tensors, into ``p``."""
     tp, r, _ = _tp()
-    if tp > 1 and row.tp_dim is not None:
-        if row.layout == GATE_UP:
-            gate, up = full.chunk(2, dim=0)
-            full = torch.cat([gate.chunk(tp, dim=0)[r], up.chunk(tp, dim=0)[r]], dim=0)
-        else:
-            full = full.chunk(tp, dim=row.tp_dim)[r]
-    assert tuple(full.shape) == tuple(p.shape), (row.megatron, tuple(full.shape), tuple(p.shape))
-    p.data.copy_(full)
+    mapping.from_hf_into(row, layer, tensors, p.data, tp=tp, rank=r, source=source)
 
 
 def _pairs(stream) -> Iterator[NamedTensor]:
@@ -313,8 +299,7 @@ def _load_stream(targets, mapping: HFMapping, stream, source: str) -> None:
                 _, row, layer, p = targets[i]
                 names = mapping.hf_names(row, layer)
                 if not done[i] and all(n in held for n in names):
-                    _assign(p, row, mapping.from_hf(row, layer, [held[n] for n in names],
-                                                    _padded_rows(p, row), source))
+                    _assign(mapping, p, row, layer, [held[n] for n in names], source)
                     done[i] = True
             if all(done[i] for i in waiting[name]):
                 for n in _names_of(targets, waiting[name], mapping):

@@ -23,6 +23,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".
 _WEIGHT_INDICES = (INDEX_NAME, "pytorch_model.bin.index.json")
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
           "F64": torch.float64}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class CorruptCheckpointError(ValueError):
@@ -130,9 +131,9 @@ class SafetensorsCheckpoint(Mapping):
 
 class ShardedSafetensorsWriter:
     """Writes ``(hf_name, tensor)`` buckets as ``model-0000k-of-0000n.safetensors`` files plus
-    ``model.safetensors.index.json`` — one shard per :meth:`write_shard` call, so memory stays at
-    one bucket. Shards are written under provisional names and renamed by :meth:`close`, once
-    their count is known.
+    ``model.safetensors.index.json`` — one shard per :meth:`write_shard` call, written as it
+    arrives (:func:`write_safetensors`), so memory stays at one bucket. Shards are written
+    under provisional names and renamed by :meth:`close`, once their count is known.
     """
 
     def __init__(self, out_dir: str):
@@ -141,26 +142,18 @@ class ShardedSafetensorsWriter:
         self._total = 0
 
     def write_shard(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> None:
-        from safetensors.torch import save_file
-
-        tensors, seen = {}, set()
+        tensors = []
         for name, t in pairs:
             t = t.detach().to("cpu").contiguous()
-            # safetensors refuses tensors that share storage (e.g. gate/up views of one fc1).
-            ptr = t.untyped_storage().data_ptr()
-            if ptr in seen:
-                t = t.clone()
-                ptr = t.untyped_storage().data_ptr()
-            seen.add(ptr)
-            if name in tensors:
-                raise ValueError(f"tensor {name} written twice")
-            tensors[name] = t
+            if t.dtype not in _DTYPE_NAMES:
+                raise ValueError(f"tensor {name}: dtype {t.dtype} cannot be stored in safetensors here")
+            tensors.append((name, t))
             self._total += t.numel() * t.element_size()
         if not tensors:
             return
         tmp = f"shard-{len(self._shards):05d}.safetensors.partial"
-        save_file(tensors, os.path.join(self.out_dir, tmp), metadata={"format": "pt"})
-        self._shards.append((tmp, list(tensors)))
+        write_safetensors(os.path.join(self.out_dir, tmp), tensors)
+        self._shards.append((tmp, [n for n, _ in tensors]))
 
     def close(self) -> dict:
         """Rename the shards to their final names and write the index; returns the index."""
@@ -174,6 +167,28 @@ class ShardedSafetensorsWriter:
         with open(os.path.join(self.out_dir, INDEX_NAME), "w") as f:
             json.dump(index, f, indent=2)
         return index
+
+
+def write_safetensors(path: str, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """Write contiguous CPU tensors as one safetensors file, in the given order, straight from
+    their memory (``safetensors.torch.save_file`` first copies every tensor into a bytes
+    object). Format: little-endian u64 header length, JSON header padded to 8 bytes, data."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors:
+        if name in header:
+            raise ValueError(f"tensor {name} written twice")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, t in tensors:
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def metadata_files(model_dir: str) -> list[str]:

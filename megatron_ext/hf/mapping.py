@@ -295,20 +295,62 @@ class HFMapping:
                 padded_vocab: int, source: str = "checkpoint") -> torch.Tensor:
         """HF tensors of ``row`` (in ``row.hf`` order) -> the full Megatron tensor. Shapes are
         checked against the config (``source`` names where the tensors came from)."""
+        out = tensors[0].new_empty(self.megatron_shape(row, padded_vocab))
+        self.from_hf_into(row, layer, tensors, out, source=source)
+        return out
+
+    def from_hf_into(self, row: Row, layer: int | None, tensors: Sequence[torch.Tensor],
+                     out: torch.Tensor, *, tp: int = 1, rank: int = 0,
+                     source: str = "checkpoint") -> None:
+        """Write TP rank ``rank``'s shard of the Megatron tensor of ``row`` straight into
+        ``out`` (contiguous; any dtype: values are cast), never building the full tensor.
+
+        ``out`` has the full Megatron shape split ``tp`` ways on ``row.tp_dim`` (replicated rows
+        ignore ``tp``): vocabulary rows ``[rank * Vp/tp, (rank + 1) * Vp/tp)`` with zeros past
+        ``V``; query groups ``[rank * ng/tp, (rank + 1) * ng/tp)`` of the grouped QKV layout;
+        rows ``[rank * ffn/tp, ...)`` of gate then of up; a plain slice otherwise.
+        """
         names = self.hf_names(row, layer)
         for name, t in zip(names, tensors):
             self.check_shape(name, tuple(t.shape), source)
+        if row.tp_dim is None:
+            tp, rank = 1, 0
         if row.layout == VOCAB:
-            t = tensors[0]
-            if padded_vocab < self.vocab:
-                raise WeightMismatchError(f"padded vocabulary {padded_vocab} is smaller than "
+            rows, emb = out.shape[0], tensors[0]
+            self._check_out(row, layer, out, (rows,) + tuple(emb.shape[1:]), tp)
+            if rows * tp < self.vocab:
+                raise WeightMismatchError(f"padded vocabulary {rows * tp} is smaller than "
                                           f"vocab_size={self.vocab}")
-            return torch.cat([t, t.new_zeros((padded_vocab - self.vocab,) + tuple(t.shape[1:]))])
-        if row.layout == QKV:
-            return fuse_qkv(*tensors, ng=self.ng, hn=self.hn)
-        if row.layout == GATE_UP:
-            return torch.cat(list(tensors), dim=0)
-        return tensors[0]
+            start = rank * rows
+            n = max(0, min(rows, self.vocab - start))
+            out[:n].copy_(emb[start:start + n])
+            out[n:].zero_()
+        elif row.layout == QKV:
+            q, k, v = tensors
+            per, ng_r, rest = self.np // self.ng, self.ng // tp, tuple(q.shape[1:])
+            self._check_out(row, layer, out, (ng_r * (per + 2) * self.hn,) + rest, tp)
+            groups = out.view(ng_r, per + 2, self.hn, *rest)
+            mine = slice(rank * ng_r, (rank + 1) * ng_r)
+            groups[:, :per].copy_(q.view(self.ng, per, self.hn, *rest)[mine])
+            groups[:, per].copy_(k.view(self.ng, self.hn, *rest)[mine])
+            groups[:, per + 1].copy_(v.view(self.ng, self.hn, *rest)[mine])
+        elif row.layout == GATE_UP:
+            gate, up = tensors
+            f = self.ffn // tp
+            self._check_out(row, layer, out, (2 * f,) + tuple(gate.shape[1:]), tp)
+            out[:f].copy_(gate[rank * f:(rank + 1) * f])
+            out[f:].copy_(up[rank * f:(rank + 1) * f])
+        else:
+            t = tensors[0]
+            if tp > 1:
+                t = t.chunk(tp, dim=row.tp_dim)[rank]
+            self._check_out(row, layer, out, tuple(t.shape), tp)
+            out.copy_(t)
+
+    def _check_out(self, row: Row, layer: int | None, out: torch.Tensor, want: tuple, tp: int):
+        if tuple(out.shape) != tuple(want):
+            raise WeightMismatchError(f"Megatron parameter {self.megatron_name(row, layer)} has "
+                                      f"shape {tuple(out.shape)}, expected {tuple(want)} at TP={tp}")
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ng: int, hn: int) -> torch.Tensor:
