@@ -37,7 +37,9 @@ class RolloutConfig:
     sglang: dict[str, Any] = field(default_factory=dict)  # engine=sglang: passthrough server args
     max_resample_rounds: int = 3  # DAPO dynamic sampling: extra generation rounds per step
     weight_bucket_mb: int = 64  # weight-sync bucket size
-    off_policy_overlap: bool = False  # generate step t+1 while training step t (TIS advised)
+    # Generate step t+1 while step t trains (one-step off-policy; set algorithm.tis). A resumed
+    # run regenerates the prefetched step, so resume is exact only without overlap.
+    off_policy_overlap: bool = False
 
 
 @dataclass

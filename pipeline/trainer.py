@@ -106,6 +106,12 @@ class Trainer:
                                      wandb_project=cfg.logging.wandb_project,
                                      config=to_dict(cfg), resume=cfg.checkpoint.resume)
         self._stop_requested = False
+        self._prefetch = None
+        self._pool = None
+        if cfg.rollout.off_policy_overlap and self.topo.leader:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
         signal.signal(signal.SIGTERM, self._on_sigterm)
         if cfg.checkpoint.resume:
             self._maybe_resume()
@@ -152,6 +158,9 @@ class Trainer:
         return last
 
     def close(self):
+        self._wait_prefetch()
+        if self._pool is not None:
+            self._pool.shutdown()
         for e in (self.engine, self.ref_engine, self.scorer):
             if e is not None:
                 e.close()
@@ -159,38 +168,50 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _records_source(self):
-        """Next batch of this rank's prompt records; counts draws for loader alignment."""
+    def _leader_rollout(self, step: int):
+        """Generate and reward this replica's groups for ``step`` (leader only; may run in the
+        prefetch thread). Returns the payload broadcast to the replica's other ranks."""
         from pipeline.data import shard_batch
 
-        self._draws = 0
+        draws = [0]
 
         def next_records():
-            self._draws += 1
-            batch = next(self.loader)
-            return shard_batch(batch, self.topo.dp_rank, self.topo.dp)
+            draws[0] += 1
+            return shard_batch(next(self.loader), self.topo.dp_rank, self.topo.dp)
 
-        return next_records
+        cfg = self.cfg
+        seed = cfg.rollout.seed * 1_000_003 + step * 1009 + self.topo.dp_rank
+        result = rollout_step(engine=self.engine, tokenizer=self.tokenizer, scorer=self.scorer,
+                              next_records=next_records, algo=self.algo, rollout_cfg=cfg.rollout,
+                              seed=seed, ref_engine=self.ref_engine)
+        return (result.groups, result.metrics, result.reward_counters, draws[0])
+
+    def _wait_prefetch(self):
+        """Block until the background rollout (if any) is done with the engine."""
+        if self._prefetch is not None:
+            self._prefetch.exception()  # waits; the result is collected by the next step
 
     def train_one_step(self) -> dict:
         cfg, topo = self.cfg, self.topo
         t0 = time.perf_counter()
-        next_records = self._records_source()
+        payload = None
         if topo.leader:
-            seed = cfg.rollout.seed * 1_000_003 + self.step * 1009 + topo.dp_rank
-            result = rollout_step(engine=self.engine, tokenizer=self.tokenizer, scorer=self.scorer,
-                                  next_records=next_records, algo=self.algo, rollout_cfg=cfg.rollout,
-                                  seed=seed, ref_engine=self.ref_engine)
-            payload = (result.groups, result.metrics, result.reward_counters, self._draws)
-        else:
-            payload = None
+            if self._prefetch is not None:
+                payload, self._prefetch = self._prefetch.result(), None
+            else:
+                payload = self._leader_rollout(self.step)
         groups, roll_metrics, reward_counters, draws = _broadcast(payload, topo)
+        self.rollout_weight_versions = sorted({v for g in groups for v in g.weight_versions})
         # Every rank consumes the loader identically: non-leaders and leaders that drew fewer
         # batches (DAPO refills) skip ahead to the furthest draw of any rank.
         draws_max = torch.tensor([float(draws)])
         dist.all_reduce(draws_max, op=dist.ReduceOp.MAX)
-        for _ in range(int(draws_max.item()) - (self._draws if topo.leader else 0)):
+        for _ in range(int(draws_max.item()) - (draws if topo.leader else 0)):
             next(self.loader)
+        if cfg.rollout.off_policy_overlap and topo.leader and self.step + 1 < cfg.trainer.steps:
+            # One-step off-policy: step t+1's rollout runs on the weights of step t-1 while
+            # step t trains; sync_weights waits for it. TIS corrects the mismatch.
+            self._prefetch = self._pool.submit(self._leader_rollout, self.step + 1)
         t_rollout = time.perf_counter() - t0
 
         t1 = time.perf_counter()

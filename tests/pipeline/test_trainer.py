@@ -13,7 +13,8 @@ import pytest
 
 from megatron_ext.multirank import run_ranks
 
-from .trainer_jobs import faults_job, presets_job, resume_job, sglang_standin_job
+from .trainer_jobs import (faults_job, overlap_job, presets_job, resume_job,
+                           sglang_standin_job)
 
 PRESETS = ["grpo", "dr_grpo", "rloo", "reinforce_pp", "dapo", "gspo", "pods", "copo", "aapo",
            "jepo", "spro"]
@@ -56,6 +57,14 @@ def test_sglang_engine_path_with_stand_in_workers_and_router(tmp_path):
     assert r["responses"] > 0
     # Both workers behind the router serve the version the trainer pushed last.
     assert r["versions"] == [str(r["trainer_version"])] * 2 or r["versions"] == [r["trainer_version"]] * 2
+
+
+def test_one_step_off_policy_overlap_samples_with_weights_one_update_old(tmp_path):
+    r = run_ranks(overlap_job, 1, str(tmp_path), timeout=300)[0]
+    # Sync before step 0 serves version 1; each step's sync adds one.
+    assert r[False]["versions"] == [[1], [2], [3]]
+    assert r[True]["versions"] == [[1], [1], [2]]  # step t+1 sampled while step t trained
+    assert all(math.isfinite(x) for x in r[True]["losses"])
 
 
 def _cli(args, **kw):

@@ -154,3 +154,27 @@ def sglang_standin_job(rank, world_size, tmp):
                 "responses": m["response_length"]}
     finally:
         t.close()
+
+
+def overlap_job(rank, world_size, tmp):
+    """Weight versions the rollouts were sampled with, per step, with and without the
+    one-step-off-policy overlap."""
+    from pipeline.trainer import Trainer
+
+    out = {}
+    for overlap in (False, True):
+        t = Trainer(_config(f"{tmp}/overlap-{overlap}", [
+            f"rollout.off_policy_overlap={'true' if overlap else 'false'}", "trainer.steps=3",
+            "algorithm.tis=truncate"]))
+        try:
+            t.sync_weights()
+            versions, losses = [], []
+            for _ in range(3):
+                m = t.train_one_step()
+                t.step += 1
+                versions.append(t.rollout_weight_versions)
+                losses.append(m["loss"])
+            out[overlap] = {"versions": versions, "losses": losses}
+        finally:
+            t.close()
+    return out
