@@ -20,16 +20,15 @@ Resume checkpoint (:func:`save_checkpoint` / :func:`latest_checkpoint` /
             step_<N>/  dist_checkpointing files of {"model...": ..., "optimizer": ...}
                        groupwise.json   kind "resume", step, layout
                        scheduler.json   extra.json   rng/pp<p>-tp<t>-cp<c>-dp<d>.pt
+                       hf/              as above, when given (then it converts to HF alone)
 
 A save writes ``<root>/tmp-step-<N>-<random>``, fsyncs it, renames it to ``step_<N>`` and only
 then rewrites ``latest`` (write + fsync + rename); so an interrupted save leaves the previous
 checkpoint and pointer untouched, and its stale ``tmp-*`` directory is ignored by
 :func:`latest_checkpoint` and removed by the next save. The last ``keep_last`` steps are kept.
 
-Tensors are written by an in-process ``torch_dist`` writer (:func:`_save_strategy`):
-megatron-core's own writer forks one process per file and collects results through a
-multiprocessing Manager, which a daemonic process (e.g. every rank of
-:mod:`megatron_ext.multirank`) may not start. The on-disk format is the same.
+How the state moves to and from ``dist_checkpointing`` (an in-process writer, fc1 loaded in
+place, the optimizer workarounds) is :mod:`megatron_ext.checkpoint_io`.
 
 Distributed-optimizer workarounds for megatron-core 0.16.1 (see the CPU facts spec): state is
 saved with ``distrib_optim_sharding_type="fully_reshardable"`` (DP/TP/PP reshardable; the
@@ -46,13 +45,17 @@ import os
 import random
 import re
 import secrets
-import queue
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+
+from .checkpoint_io import (build_factories_in_place, finish_factories, load_optimizer_state,
+                            save_strategy, zero_adam_state)
+from .export import model_chunks
+from .hf.files import copy_metadata_files
 
 log = logging.getLogger(__name__)
 
@@ -66,27 +69,17 @@ _OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 # -- model state -------------------------------------------------------------------------
 
 
-def _unwrap(chunk):
-    while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
-def _as_list(model) -> list:
-    return list(model) if isinstance(model, (list, tuple)) else [model]
-
-
 def model_sharded_state_dict(model) -> dict:
     """``{"model": sd}`` (one chunk) or ``{"model0": sd0, "model1": sd1, ...}`` of the inner
     modules' sharded state dicts."""
-    chunks = [_unwrap(c) for c in _as_list(model)]
+    chunks = model_chunks(model)
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def _load_model_state(model, loaded: dict) -> None:
-    chunks = [_unwrap(c) for c in _as_list(model)]
+    chunks = model_chunks(model)
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys):
         chunk.load_state_dict(loaded[key], strict=True)
@@ -108,9 +101,15 @@ def _coords() -> dict:
             "cp": ps.get_context_parallel_rank(), "dp": ps.get_data_parallel_rank()}
 
 
-def _params_dtype(model) -> str:
-    p = next(_unwrap(_as_list(model)[0]).parameters())
-    return str(p.dtype).removeprefix("torch.")
+def _model_meta(model, hf_config) -> dict:
+    p = next(model_chunks(model)[0].parameters())
+    meta = {"params_dtype": str(p.dtype).removeprefix("torch."), "layout": _layout()}
+    if hf_config is not None:
+        from .model import load_hf_config
+
+        hf = load_hf_config(hf_config)
+        meta.update(model_type=hf.model_type, vocab_size=hf.vocab_size)
+    return meta
 
 
 def save_model_checkpoint(path: str, model, *, hf_config=None, hf_files_dir: str | None = None,
@@ -126,23 +125,15 @@ def save_model_checkpoint(path: str, model, *, hf_config=None, hf_files_dir: str
     """
     from megatron.core import dist_checkpointing
 
-    from .hf.files import copy_metadata_files
-
     if dist.get_rank() == 0:
         os.makedirs(path, exist_ok=True)
         if os.listdir(path):
             raise FileExistsError(f"{path} is not empty; refusing to write a checkpoint into it")
     dist.barrier()
     dist_checkpointing.save(model_sharded_state_dict(model), path,
-                            sharded_strategy=_save_strategy(fsync=fsync))
+                            sharded_strategy=save_strategy(fsync=fsync))
     if dist.get_rank() == 0:
-        meta = {"kind": "model", "params_dtype": _params_dtype(model), "layout": _layout()}
-        if hf_config is not None:
-            from .model import load_hf_config
-
-            hf = load_hf_config(hf_config)
-            meta.update(model_type=hf.model_type, vocab_size=hf.vocab_size)
-        _write_json(os.path.join(path, META_NAME), meta)
+        _write_json(os.path.join(path, META_NAME), dict(_model_meta(model, hf_config), kind="model"))
         if hf_files_dir is not None:
             copy_metadata_files(hf_files_dir, os.path.join(path, HF_SUBDIR))
     dist.barrier()
@@ -156,47 +147,13 @@ def load_model_checkpoint(path: str, model) -> dict:
 
     meta = read_meta(path)
     state = model_sharded_state_dict(model)
-    merges = _build_factories_in_place(state)
+    merges = build_factories_in_place(state)
     loaded = dist_checkpointing.load(state, path, strict=StrictHandling.RAISE_UNEXPECTED
                                      if meta.get("kind") == "model" else
                                      StrictHandling.ASSUME_OK_UNEXPECTED)
-    _finish_factories(loaded, merges)
+    finish_factories(loaded, merges)
     _load_model_state(model, loaded)
     return meta
-
-
-def _build_factories_in_place(state: dict) -> list:
-    """Build the model's ``ShardedTensorFactory`` entries (the fused SwiGLU ``linear_fc1`` is
-    stored as its gate and up halves) before loading, so their pieces, views of the parameter,
-    are filled in place; :func:`_finish_factories` then hands back the parameter itself.
-    ``dist_checkpointing.load`` would instead concatenate the pieces into new tensors, holding
-    a second copy of every fc1 (~45% of a dense model) until ``load_state_dict``.
-
-    Only the top-level ``model*`` entries are touched (an optimizer's sharded state refers to
-    the factories, so it must be built from the untouched dict first)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-
-    merges = []
-    for model_key, sd in state.items():
-        if not model_key.startswith("model"):
-            continue
-        for name, value in list(sd.items()):
-            if not isinstance(value, ShardedTensorFactory):
-                continue
-            built = value.build()
-            pieces = built if isinstance(built, list) else [built]
-            base = value.data.untyped_storage().data_ptr()
-            in_place = all(getattr(p, "data", None) is not None
-                           and p.data.untyped_storage().data_ptr() == base for p in pieces)
-            sd[name] = built
-            merges.append((model_key, name, value, in_place))
-    return merges
-
-
-def _finish_factories(loaded: dict, merges: list) -> None:
-    for model_key, name, factory, in_place in merges:
-        loaded[model_key][name] = (factory.data if in_place
-                                   else factory.merge_fn(loaded[model_key][name]))
 
 
 def read_meta(path: str) -> dict:
@@ -209,85 +166,19 @@ def read_meta(path: str) -> dict:
         return json.load(f)
 
 
-def _save_strategy(fsync: bool):
-    """megatron-core's ``torch_dist`` save strategy with an in-process writer (see module)."""
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-    from megatron.core.dist_checkpointing.strategies.state_dict_saver import (
-        save_state_dict_async_plan)
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict)
-    from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
-    from torch.distributed.checkpoint.planner import WriteItemType
-
-    class InProcessWriter(FileSystemWriterAsync):
-        """One file per rank, written by the calling process."""
-
-        def prepare_write_data(self, plan, planner):
-            def cpu(t):
-                t = t.detach().to("cpu")
-                # torch.save of a view writes its whole storage (e.g. DDP's flat buffer).
-                return t.clone() if t.untyped_storage().size() != t.numel() * t.itemsize else t
-
-            items = plan.items
-            data = ([(i, planner.resolve_data(i)) for i in items if i.type == WriteItemType.BYTE_IO],
-                    [(i, cpu(planner.resolve_data(i))) for i in items
-                     if i.type != WriteItemType.BYTE_IO])
-            name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
-            self.write_buckets = [(os.path.join(self.checkpoint_dir, name), name, data)] if items else []
-            self.results_queue = None
-            self._results = {}
-
-        def get_save_function_and_args(self):
-            return (self._write, None, []) if self.write_buckets else (None, None, [])
-
-        def _write(self):
-            from torch.utils.serialization import config as serialization
-
-            transforms = [self.transforms] if hasattr(self, "transforms") else []
-            results, count = queue.Queue(), queue.Queue()
-            # Each tensor is a torch.save record; torch.load never checks the zip CRC-32, so
-            # computing it costs ~30% of the write for nothing.
-            crc, serialization.save.compute_crc32 = serialization.save.compute_crc32, False
-            try:
-                for i, bucket in enumerate(self.write_buckets):
-                    count.put(i)
-                    FileSystemWriterAsync.write_preloaded_data(transforms, i, bucket, results,
-                                                               count, use_fsync=fsync)
-                    idx, out = results.get()
-                    if isinstance(out, Exception):
-                        raise RuntimeError(f"writing {bucket[0]} failed: {out}") from out
-                    self._results[idx] = out
-            finally:
-                serialization.save.compute_crc32 = crc
-
-        def retrieve_write_results(self):
-            return [r for i in sorted(self._results) for r in self._results[i]]
-
-    class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
-        def async_save(self, sharded_state_dict, checkpoint_dir):
-            sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
-                sharded_state_dict, self.keep_only_main_replica)
-            writer = InProcessWriter(checkpoint_dir, thread_count=1)
-            ret = save_state_dict_async_plan(
-                mcore_to_pyt_state_dict(sharded_state_dict, False), writer, None, 0,
-                planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
-                                         flatten_state_dict=False))[0]
-            return self._get_save_and_finalize_callbacks(writer, ret)
-
-    return InProcessTorchDistSave("torch_dist", 1)
-
-
 # -- resume checkpoint -------------------------------------------------------------------
 
 
-def save_checkpoint(root: str, step: int, model, optimizer, scheduler=None,
-                    extra: dict | None = None, keep_last: int = 2) -> str:
+def save_checkpoint(root: str, step: int, model, optimizer=None, scheduler=None,
+                    extra: dict | None = None, keep_last: int = 2, *, hf_config=None,
+                    hf_files_dir: str | None = None) -> str:
     """Write ``<root>/step_<step>`` atomically and point ``<root>/latest`` at it.
 
-    Collective over all ranks. Saves the model, the optimizer (distributed or not), the
-    scheduler's state, every rank's RNG states and ``extra`` (JSON: data position, metrics
-    state...). Keeps the newest ``keep_last`` step directories. Returns the step directory.
+    Collective over all ranks. Saves the model, the optimizer (distributed or not; None: not
+    saved), the scheduler's state, every rank's RNG states and ``extra`` (JSON: data position,
+    metrics state...). ``hf_config`` / ``hf_files_dir`` as in :func:`save_model_checkpoint`:
+    with them, ``tools.convert_megatron_to_hf --ckpt <root>/step_<N>`` needs no other input.
+    Keeps the newest ``keep_last`` step directories. Returns the step directory.
     """
     from megatron.core import dist_checkpointing
 
@@ -307,9 +198,11 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler=None,
     try:
         model_sd = model_sharded_state_dict(model)
         state = dict(model_sd)
-        _zero_adam_state(optimizer)  # before the first step there is no state to save
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=dict(_OPT_METADATA))
-        dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(fsync=True))
+        if optimizer is not None:
+            zero_adam_state(optimizer)  # before the first step there is no state to save
+            state["optimizer"] = optimizer.sharded_state_dict(model_sd,
+                                                              metadata=dict(_OPT_METADATA))
+        dist_checkpointing.save(state, tmp, sharded_strategy=save_strategy(fsync=True))
         coords = _coords()
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         torch.save(_rng_state(), os.path.join(tmp, "rng", _rng_name(coords)))
@@ -317,8 +210,10 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler=None,
             _write_text(os.path.join(tmp, "extra.json"), extra_json)
             _write_text(os.path.join(tmp, "scheduler.json"), sched_json)
             _write_json(os.path.join(tmp, META_NAME),
-                        {"kind": "resume", "step": step, "params_dtype": _params_dtype(model),
-                         "layout": _layout()})
+                        dict(_model_meta(model, hf_config), kind="resume", step=step,
+                             optimizer=optimizer is not None))
+            if hf_files_dir is not None:
+                copy_metadata_files(hf_files_dir, os.path.join(tmp, HF_SUBDIR))
         dist.barrier()
         if rank == 0:
             _fsync_tree(tmp)
@@ -369,13 +264,17 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None) -> dict:
     model_sd = model_sharded_state_dict(model)
     state = dict(model_sd)
     if optimizer is not None:
-        _zero_adam_state(optimizer)
+        if not meta.get("optimizer", True):
+            raise ValueError(f"{path} was saved without an optimizer state")
+        zero_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                           metadata=dict(_OPT_METADATA))
+    merges = build_factories_in_place(state)  # after the optimizer's dict, which refers to them
     loaded = dist_checkpointing.load(state, path)
+    finish_factories(loaded, merges)
     _load_model_state(model, loaded)
     if optimizer is not None:
-        _load_optimizer_state(optimizer, loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"])
         fix_shared_adam_step(optimizer)
     if scheduler is not None:
         with open(os.path.join(path, "scheduler.json")) as f:
@@ -391,60 +290,6 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None) -> dict:
                     path, meta.get("layout"), _layout())
     with open(os.path.join(path, "extra.json")) as f:
         return json.load(f)
-
-
-def _load_optimizer_state(optimizer, state: dict) -> None:
-    """``optimizer.load_state_dict`` with megatron-core 0.16.1's fully-reshardable bug avoided:
-    its parameter-state copy expects every key of the torch AdamW state, ``step`` included,
-    in the checkpoint, which stores ``step`` in the param groups instead (``KeyError:
-    'step'``). So: load groups and steps first, then the parameter state with ``step`` set
-    aside, then put each parameter's ``step`` back."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    from .cpu_compat import _inner_torch_optimizers
-
-    chained = getattr(optimizer, "chained_optimizers", None)
-    if chained is not None:
-        if len(chained) == 1:
-            _load_optimizer_state(chained[0], state)
-            return
-        if len(chained) != len(state):
-            raise ValueError(f"checkpoint holds {len(state)} optimizer states, the optimizer "
-                             f"has {len(chained)}")
-        for opt, key in zip(chained, sorted(state)):
-            _load_optimizer_state(opt, state[key])
-        optimizer._synchronize_steps()
-        return
-    if not (isinstance(optimizer, DistributedOptimizer)
-            and state.get("param_state_sharding_type") == "fully_reshardable"):
-        optimizer.load_state_dict(state)
-        return
-    state = dict(state)
-    param_state = state.pop("param_state")
-    optimizer.load_state_dict(state)
-    inner = _inner_torch_optimizers(optimizer)
-    steps = [{p: st.pop("step") for p, st in opt.state.items() if "step" in st} for opt in inner]
-    optimizer.load_parameter_state_from_fully_reshardable(param_state)
-    for opt, saved in zip(inner, steps):
-        for p, step in saved.items():
-            opt.state[p]["step"] = step
-
-
-def _zero_adam_state(optimizer) -> None:
-    """Give every parameter of the inner torch optimizer(s) that has no state zero Adam state
-    and its own ``step`` of 0 — what AdamW's first step would create, so stepping after it is
-    unchanged. Torch AdamW has no state before its first step, and megatron-core can neither
-    save that (the distributed optimizer asserts) nor load into it."""
-    from .cpu_compat import _inner_torch_optimizers
-
-    for opt in _inner_torch_optimizers(optimizer):
-        for group in opt.param_groups:
-            for p in group["params"]:
-                st = opt.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 # -- RNG ---------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ parameter of exported data.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -60,7 +62,7 @@ def export_hf_weights(model, *, bucket_bytes: int, hf_config,
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
     from megatron.core import parallel_state as ps
 
-    chunks = _chunks(model)
+    chunks = model_chunks(model)
     mapping = HFMapping(hf_config)
     _finish_param_sync(model if isinstance(model, (list, tuple)) else [model])
     local = _bucketed(_stage_tensors(chunks, mapping), bucket_bytes)
@@ -107,7 +109,7 @@ def load_hf_weights(model, weights, *, hf_config, optimizer=None,
     missing, extra, duplicated or mis-shaped tensor. With a Mapping every check runs before
     any parameter changes; with a stream, the model may be partly loaded when it raises.
     """
-    chunks = _chunks(model)
+    chunks = model_chunks(model)
     mapping = HFMapping(hf_config)
     targets = list(_stage_params(chunks, mapping))
     if isinstance(weights, Mapping):
@@ -126,7 +128,9 @@ def load_hf_weights(model, weights, *, hf_config, optimizer=None,
 # -- model walking ----------------------------------------------------------------------
 
 
-def _chunks(model) -> list[torch.nn.Module]:
+def model_chunks(model) -> list[torch.nn.Module]:
+    """This rank's ``GPTModel`` chunks from a list of (DDP / Float16Module-wrapped) chunks or
+    one chunk."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
     out = []
     for c in chunks:
@@ -326,9 +330,6 @@ def write_hf_checkpoint(model, out_dir: str, *, hf_config, config_path: str | No
     ``config_path`` (default ``<files_dir>/config.json``) is copied as ``config.json`` with the
     stored dtype recorded; ``files_dir``'s tokenizer and generation-config files come along.
     """
-    import os
-    import shutil
-
     from .checkpoint import staged_directory
     from .hf.files import ShardedSafetensorsWriter, copy_metadata_files, set_config_dtype
 
@@ -347,5 +348,5 @@ def write_hf_checkpoint(model, out_dir: str, *, hf_config, config_path: str | No
             if files_dir:
                 copy_metadata_files(files_dir, tmp)
             shutil.copyfile(config_path, os.path.join(tmp, "config.json"))
-            param = next(_chunks(model)[0].parameters())
+            param = next(model_chunks(model)[0].parameters())
             set_config_dtype(os.path.join(tmp, "config.json"), param.dtype)

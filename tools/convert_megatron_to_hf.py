@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 
@@ -99,9 +98,8 @@ def plan(args: argparse.Namespace) -> Plan:
 
 
 def _convert_on_rank(rank: int, world_size: int, p: Plan) -> None:
-    from megatron_ext.checkpoint import load_model_checkpoint, staged_directory
-    from megatron_ext.export import export_hf_weights, is_export_rank
-    from megatron_ext.hf.files import ShardedSafetensorsWriter, copy_metadata_files, set_config_dtype
+    from megatron_ext.checkpoint import load_model_checkpoint
+    from megatron_ext.export import write_hf_checkpoint
     from megatron_ext.model import load_hf_config
     from megatron_ext.parallel import ParallelConfig, destroy, initialize
 
@@ -112,20 +110,8 @@ def _convert_on_rank(rank: int, world_size: int, p: Plan) -> None:
         hf = load_hf_config(p.hf_config)
         model = build_model(hf, p.tp, p.pp, p.dtype)
         load_model_checkpoint(p.ckpt, model)
-        writes = is_export_rank(gather_pipeline=True)
-        with staged_directory(p.out, force=p.force) as tmp:
-            writer = ShardedSafetensorsWriter(tmp) if writes else None
-            for bucket in export_hf_weights(model, bucket_bytes=p.shard_bytes, hf_config=hf,
-                                            gather_pipeline=True):
-                if writes:
-                    writer.write_shard(bucket)
-            if writes:
-                writer.close()
-                if p.files_dir:
-                    copy_metadata_files(p.files_dir, tmp)
-                shutil.copyfile(p.hf_config, os.path.join(tmp, "config.json"))
-                param = next(model[0].parameters())
-                set_config_dtype(os.path.join(tmp, "config.json"), param.dtype)
+        write_hf_checkpoint(model, p.out, hf_config=hf, config_path=p.hf_config,
+                            files_dir=p.files_dir, shard_bytes=p.shard_bytes, force=p.force)
     finally:
         if created:
             destroy()

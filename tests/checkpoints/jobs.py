@@ -224,6 +224,7 @@ def resume_section(hf_dir: str, work: str) -> dict:
     """Save at DP=2 after one step; load at DP=2, TP=2 (DP=1) and PP=2 (DP=1) and take the
     next step; compare with the uninterrupted run. Distributed and plain optimizer."""
     from megatron_ext.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from tools import convert_megatron_to_hf
 
     r = {}
     for distributed in (True, False):
@@ -231,8 +232,13 @@ def resume_section(hf_dir: str, work: str) -> dict:
         model, opt, sched, hf = _policy(hf_dir, distributed=distributed)
         _train(model, opt, sched, 1)
         saved_state = _adam_state(opt)
-        save_checkpoint(root, 1, model, opt, sched, extra={"data_position": 17, "step": 1})
+        step_dir = save_checkpoint(root, 1, model, opt, sched, extra={"data_position": 17, "step": 1},
+                                   hf_config=hf, hf_files_dir=hf_dir)
         rng_after_save = torch.rand(4)
+        if distributed:  # the trainer's checkpoint converts to HF on its own
+            r["step1_weights"] = _full_weights(model, hf)
+            r["step1_hf_dir"] = os.path.join(work, "resume-step1-hf")
+            convert_megatron_to_hf.main(["--ckpt", step_dir, "--out", r["step1_hf_dir"]])
         _train(model, opt, sched, 2)
         r[(distributed, "uninterrupted")] = _full_weights(model, hf)
         for layout, kw in (("dp2", {}), ("tp2", dict(tp=2)), ("pp2", dict(pp=2))):

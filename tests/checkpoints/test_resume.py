@@ -11,6 +11,7 @@ import torch
 from megatron_ext.checkpoint import LATEST_NAME, META_NAME, latest_checkpoint
 
 from .conftest import section
+from .tiny_models import read_state_dict
 
 LAYOUTS = ["dp2", "tp2", "pp2"]
 OPTIMIZERS = {"distributed": True, "plain": False}
@@ -43,6 +44,13 @@ def test_same_layout_restores_optimizer_state_and_rng(checks, opt):
         assert sorted(loaded) == sorted(saved)
         assert all(torch.equal(loaded[k].float(), saved[k].float()) for k in saved)
     assert torch.equal(got["rng"], got["rng_after_save"])
+
+
+def test_resume_checkpoint_converts_to_hf(checks):
+    r = section(checks, "resume")
+    converted = read_state_dict(r["step1_hf_dir"])
+    assert sorted(converted) == sorted(r["step1_weights"])
+    assert all(torch.equal(converted[k], v) for k, v in r["step1_weights"].items())
 
 
 def test_export_after_overlapped_param_gather_sees_the_step(checks):
