@@ -231,21 +231,28 @@ def _broadcast_stages(local: Iterator[list[NamedTensor]], pp_group, chunks):
             dist.broadcast_object_list(meta, src=src, group=pp_group, device=device)
             if meta[0] is None:
                 break
+            offsets, total = _packing(meta[0])
+            flat = torch.empty(total, dtype=torch.uint8, device=device)
             if stage == me:
-                flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for _, t in bucket])
-            else:
-                nbytes = sum(_numel(s) * d.itemsize for _, s, d in meta[0])
-                flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+                for (_, t), at in zip(bucket, offsets):
+                    flat[at:at + t.numel() * t.element_size()].copy_(
+                        t.contiguous().reshape(-1).view(torch.uint8))
             dist.broadcast(flat, src=src, group=pp_group)
             if stage == me:
                 yield bucket
                 continue
-            out, at = [], 0
-            for name, shape, dtype in meta[0]:
-                n = _numel(shape) * dtype.itemsize
-                out.append((name, flat[at:at + n].view(dtype).reshape(shape)))
-                at += n
-            yield out
+            yield [(name, flat[at:at + _numel(shape) * dtype.itemsize].view(dtype).reshape(shape))
+                   for (name, shape, dtype), at in zip(meta[0], offsets)]
+
+
+def _packing(meta) -> tuple[list[int], int]:
+    """Byte offsets of a bucket's tensors in one buffer, each 16-byte aligned so that every
+    slice can be viewed as its dtype; and the buffer size."""
+    offsets, at = [], 0
+    for _, shape, dtype in meta:
+        offsets.append(at)
+        at += -(-(_numel(shape) * dtype.itemsize) // 16) * 16
+    return offsets, at
 
 
 def _numel(shape) -> int:
@@ -291,6 +298,9 @@ def _load_stream(targets, mapping: HFMapping, stream, source: str) -> None:
             seen.add(name)
             if name not in expected:
                 if mapping.is_ignored(name):
+                    if name == "lm_head.weight":  # tied: must at least match the embedding
+                        mapping.check_shape(name, tuple(t.shape), source,
+                                            expected["model.embed_tokens.weight"])
                     continue
                 raise WeightMismatchError(f"{source}: unexpected tensor {name} for a "
                                           f"{mapping.model_type} model with num_hidden_layers="

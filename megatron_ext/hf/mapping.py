@@ -123,8 +123,6 @@ class HFMapping:
         self.vocab = hf.vocab_size
         self._check_supported()
         rows = [r for r in TABLES[self.model_type] if r is not OUTPUT]
-        if self.model_type == "llama" and getattr(hf, "attention_bias", False):
-            rows.append(QKV_BIAS)
         rows.append(TIED_OUTPUT if self.tied else OUTPUT)
         self.rows = tuple(rows)
         self._by_name = {}
@@ -174,11 +172,12 @@ class HFMapping:
     def megatron_name(row: Row, layer: int | None, te: bool = False) -> str:
         return (row.te if te and row.te else row.megatron).format(i=layer)
 
-    def all_rows(self, *, include_tied_copy: bool = False) -> list[tuple[Row, int | None]]:
-        """Every (row, layer) of the whole model, in HF order (embedding, layers, norm, head)."""
+    def all_rows(self) -> list[tuple[Row, int | None]]:
+        """Every exported (row, layer) of the whole model, in HF order (embedding, layers, final
+        norm, head)."""
         per_layer = [r for r in self.rows if "{i}" in r.megatron]
         tail = [r for r in self.rows if "{i}" not in r.megatron and r is not EMBEDDING
-                and (r.exported or include_tied_copy)]
+                and r.exported]
         return ([(EMBEDDING, None)] + [(r, i) for i in range(self.num_layers) for r in per_layer]
                 + [(r, None) for r in tail])
 
@@ -236,7 +235,7 @@ class HFMapping:
         expected = self._hf_shapes
         names = set(shapes)
         missing = sorted(set(expected) - names)
-        extra = sorted(n for n in names - set(expected) if not self._ignorable(n))
+        extra = sorted(n for n in names - set(expected) if not self.is_ignored(n))
         if missing:
             raise WeightMismatchError(f"{source}: missing {len(missing)} tensor(s) the "
                                       f"{self.model_type} config needs: {_first(missing)}")
@@ -250,12 +249,9 @@ class HFMapping:
             self.check_shape("lm_head.weight", tuple(shapes["lm_head.weight"]), source,
                              expected["model.embed_tokens.weight"])
 
-    def _ignorable(self, name: str) -> bool:
-        return bool(_IGNORED.fullmatch(name)) or (self.tied and name == "lm_head.weight")
-
     def is_ignored(self, name: str) -> bool:
-        """True for tensors a loader skips silently (see module notes)."""
-        return self._ignorable(name)
+        """True for tensors a loader skips: what transformers ignores too (see ``_IGNORED``)."""
+        return bool(_IGNORED.fullmatch(name)) or (self.tied and name == "lm_head.weight")
 
     def check_shape(self, name: str, shape: tuple[int, ...], source: str,
                     expected: tuple[int, ...] | None = None) -> None:
