@@ -103,13 +103,12 @@ def build(model: str, algo: str, fp8: bool, running: int = 8, mem_fraction: floa
     a = ALGORITHMS[algo]
     row_len = a["prompt_tokens"] + a["new_tokens"]
     algorithm = dict(a["algorithm"])
-    sglang = dict(tp_size=lay["sglang_tp"], max_running_requests=running,
-                  mem_fraction_static=mem_fraction)
+    sglang_args = ["--max-running-requests", str(running)]
     model_section = dict(hf_config=dict(hf), params_dtype="bf16", make_vocab_size_divisible_by=128,
                          recompute_granularity="full", recompute_num_layers=1)
     if fp8:
         model_section.update(fp8="hybrid", fp8_recipe="blockwise")
-        sglang.update(quantization="fp8", kv_cache_dtype="fp8_e4m3")
+        sglang_args += ["--quantization", "fp8", "--kv-cache-dtype", "fp8_e4m3"]
         # The engine samples from FP8 weights, the trainer scores with BF16 master weights
         # through FP8 GEMMs: different numerics, so importance-weight the mismatch (TIS).
         algorithm.update(tis="truncate", tis_cap=2.0)
@@ -122,7 +121,10 @@ def build(model: str, algo: str, fp8: bool, running: int = 8, mem_fraction: floa
                        overlap_param_gather=True, lr_warmup_steps=10),
         rollout=dict(engine="sglang", prompts_per_step=a["prompts"], n_samples=a["n"],
                      max_new_tokens=a["new_tokens"], temperature=1.0, top_p=1.0,
-                     weight_bucket_mb=512, sglang=sglang),
+                     weight_bucket_mb=512,
+                     # ServerConfig fields (inference.launcher); extra_args go to SGLang as given
+                     sglang=dict(tp_size=lay["sglang_tp"], mem_fraction_static=mem_fraction,
+                                 extra_args=sglang_args)),
         algorithm=algorithm,
         data=dict(paths=["/data/math/train.jsonl"], prompt_field="prompt", answer_field="answer",
                   apply_chat_template=True, prompt_template=_PROMPT,

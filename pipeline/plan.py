@@ -13,7 +13,9 @@ target GPU, and a per-GPU memory estimate for the worst pipeline stage, term by 
                token-budget micro-batches, optional full recompute), logits [T, V/TP] and
                their gradient plus the fp32 scratch of the vocab-parallel log-prob path
     rollout    colocated SGLang: its weights and the KV cache of the requests in flight
-               (or the embedded engine's copy of the model and its KV cache)
+               (``rollout.sglang.tp_size``; ``--max-running-requests``, ``--quantization`` and
+               ``--kv-cache-dtype`` from ``rollout.sglang.extra_args``), or the embedded
+               engine's copy of the model and its KV cache
     runtime    CUDA context, NCCL buffers and allocator slack (fixed + proportional)
 
 The peak is the larger of the training and rollout phases (colocated servers release their
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -329,11 +332,27 @@ def _act_note(m, par, n_mb, stage, pp, vpp) -> str:
     return f"{sched}, {rec}{', SP' if par.sequence_parallel else ''}"
 
 
+def sglang_arg(cfg: JobConfig, name: str) -> str | None:
+    """The value of SGLang server option ``--name`` in ``rollout.sglang.extra_args`` (the
+    options passed through to ``sglang.launch_server``), or None."""
+    args = [str(a) for a in cfg.rollout.sglang.get("extra_args") or []]
+    flag = "--" + name.replace("_", "-")
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def _sglang_settings(cfg: JobConfig, hw: Hardware) -> dict:
-    sg = cfg.rollout.sglang
-    tp = int(sg.get("tp_size", sg.get("tp", hw.gpus_per_node)))
-    return dict(tp=tp, quant=str(sg.get("quantization") or ""), kv_dtype=str(sg.get("kv_cache_dtype") or "auto"),
-                max_running=sg.get("max_running_requests"), dtype=str(sg.get("dtype") or "bfloat16"))
+    """SGLang's tensor parallelism (``rollout.sglang.tp_size``, default: a node) and the
+    options that size its memory."""
+    tp = int(cfg.rollout.sglang.get("tp_size") or hw.gpus_per_node)
+    running = sglang_arg(cfg, "max_running_requests")
+    return dict(tp=tp, quant=sglang_arg(cfg, "quantization") or "",
+                kv_dtype=sglang_arg(cfg, "kv_cache_dtype") or "auto",
+                max_running=int(running) if running else None)
 
 
 def _rollout_terms(cfg: JobConfig, hw: Hardware, s: Shape, algo: str, problems: list) -> list[Term]:
@@ -403,8 +422,7 @@ def fp8_problems(s: Shape, model_cfg, tp: int, capability: tuple[int, int]) -> l
 
 
 def _precision_warnings(cfg: JobConfig, algo) -> list[str]:
-    sg = cfg.rollout.sglang
-    rollout_fp8 = str(sg.get("quantization") or "").startswith("fp8")
+    rollout_fp8 = (sglang_arg(cfg, "quantization") or "").startswith("fp8")
     if cfg.rollout.engine == "embedded" or rollout_fp8 == (cfg.model.fp8 is not None):
         return []
     if algo.config.tis is None:
@@ -444,12 +462,12 @@ def _candidates(cfg: JobConfig, hw: Hardware, largest: str) -> list[tuple[str, l
     for pp in (par.pipeline_parallel * 2, par.pipeline_parallel * 4):
         o = [f"parallel.pipeline_parallel={pp}"]
         out["state"].append((o[0], o, hw))
-    sg = cfg.rollout.sglang
-    running = sg.get("max_running_requests")
+    running = _sglang_settings(cfg, hw)["max_running"]
+    others = _without_arg(cfg.rollout.sglang.get("extra_args") or [], "--max-running-requests")
     for cap in (256, 128, 64, 32):
-        if running is None or cap < int(running):
-            o = f"rollout.sglang.max_running_requests={cap}"
-            out["rollout"].append((o, [o], hw))
+        if running is None or cap < running:
+            o = f"rollout.sglang.extra_args={json.dumps(others + ['--max-running-requests', str(cap)])}"
+            out["rollout"].append((f"SGLang --max-running-requests {cap}", [o], hw))
     if hw.colocated:
         out["rollout"].append(("--no-colocated (rollout on separate nodes)", [],
                                Hardware(hw.nodes, hw.gpus_per_node, hw.gpu_mem_gib, False, hw.capability)))
@@ -460,6 +478,18 @@ def _candidates(cfg: JobConfig, hw: Hardware, largest: str) -> list[tuple[str, l
            else "rollout" if largest.startswith(("sglang", "engine")) else "state")
     order = [key] + [k for k in ("activations", "state", "logits", "rollout", "any") if k != key]
     return [c for k in order for c in out[k]]
+
+
+def _without_arg(args: list, flag: str) -> list[str]:
+    out, skip = [], False
+    for a in map(str, args):
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
 
 
 def suggest(cfg: JobConfig, hw: Hardware, plan: Plan) -> str | None:

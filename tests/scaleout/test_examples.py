@@ -1,6 +1,7 @@
 """Every example config parses, validates at its world size, and fits by the planner at the
 node count its header states, with the memory figure its header states."""
 
+import dataclasses
 import glob
 import os
 import re
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 
+from inference.launcher import ServerConfig
 from pipeline.config import load_job_config, validate
 from pipeline.config_io import ConfigError
 from pipeline.plan import Hardware, estimate
@@ -45,6 +47,8 @@ def test_example_validates_and_fits_at_its_node_count(path):
         # is the only objection, and the planner checks FP8 against the target GPU instead.
         with pytest.raises(ConfigError, match="TransformerEngine with CUDA is not available"):
             validate(cfg, nodes * 8)
+    # engine=sglang builds an inference.launcher.ServerConfig from rollout.sglang
+    assert set(cfg.rollout.sglang) <= {f.name for f in dataclasses.fields(ServerConfig)}
     plan = estimate(cfg, Hardware(nodes=nodes, gpus_per_node=8, gpu_mem_gib=80))
     assert plan.fits, plan.summary
     assert not plan.problems and not plan.warnings

@@ -160,5 +160,5 @@ def test_fp8_dimensions_must_align_per_tensor_parallel_shard():
 
 
 def test_fp8_rollout_without_tis_warns():
-    plan = estimate(load_job_config(QWEN7B, ["rollout.sglang.quantization=fp8"]), Hardware(nodes=1))
+    plan = estimate(load_job_config(QWEN7B, ["rollout.sglang.extra_args=[--quantization, fp8]"]), Hardware(nodes=1))
     assert any("algorithm.tis=truncate" in w for w in plan.warnings)
