@@ -110,6 +110,15 @@ def validate_model_layout(hf, model_cfg: ModelConfig, *, tp: int = 1, pp: int = 
         if value % by:
             raise ValueError(f"hf_config.{name}={value} is not divisible by {by} "
                              f"({knob}); choose a {knob} that divides it")
+    # Variants the Megatron model here cannot represent: refuse rather than train a different
+    # network than the checkpoint describes.
+    if hf.model_type in ("llama", "qwen3") and getattr(hf, "attention_bias", False):
+        raise ValueError(f"hf_config.attention_bias=True is not supported for {hf.model_type} "
+                         "(it also adds an o_proj bias the Megatron model lacks)")
+    if getattr(hf, "mlp_bias", False):
+        raise ValueError("hf_config.mlp_bias=True is not supported (no MLP biases in the model)")
+    if getattr(hf, "use_sliding_window", False):
+        raise ValueError("hf_config.use_sliding_window=True is not supported (full attention only)")
     if sequence_parallel and tp == 1:
         raise ValueError("parallel.sequence_parallel=True needs parallel.tensor_parallel > 1")
     if model_cfg.params_dtype not in PARAM_DTYPES:
@@ -161,8 +170,7 @@ def build_transformer_config(hf, model_cfg: ModelConfig, *, tp: int = 1, pp: int
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        # Qwen2 has QKV bias by design; Llama exposes it as `attention_bias`.
-        add_qkv_bias=hf.model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)),
+        add_qkv_bias=hf.model_type == "qwen2",  # Qwen2 has QKV bias by design
         qk_layernorm=hf.model_type == "qwen3",
         hidden_dropout=0.0,
         attention_dropout=0.0,

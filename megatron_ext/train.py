@@ -201,13 +201,16 @@ def forward_only(model: list, forward_step: Callable, microbatches: list, seq_le
     return list(out)
 
 
-def lm_forward_step(num_microbatches: int, total_tokens: int) -> Callable:
+def lm_forward_step(num_microbatches: int, total_tokens: int, vocab_size: int | None = None) -> Callable:
     """Next-token cross-entropy forward_step on fixed-shape batches ``{"tokens": [b, s+1]}``.
 
     Token-mean over ``total_tokens`` (the whole step's count), scaled per :func:`schedule_scale`.
-    Used by ``make train`` before the RL loop, and by the layout-equivalence tests.
+    ``vocab_size``: the true vocabulary; padded columns get no probability (so the loss does
+    not depend on the TP-dependent padding). Used by the layout-equivalence tests.
     """
-    from megatron.core import tensor_parallel
+    from megatron.core import parallel_state as ps
+
+    from .logprobs import vocab_parallel_logprobs_entropy
 
     scale = schedule_scale(num_microbatches)
 
@@ -218,12 +221,11 @@ def lm_forward_step(num_microbatches: int, total_tokens: int) -> Callable:
         out = model(inputs, pos, None)
 
         def loss_func(logits):
-            # logits [b, s, V/TP]; vocab_parallel_cross_entropy wants [s, b, V/TP].
-            nll = tensor_parallel.vocab_parallel_cross_entropy(
-                logits.transpose(0, 1).float().contiguous(), labels.transpose(0, 1).contiguous())
-            loss = nll.sum() / total_tokens
-            report = loss.detach().clone()
-            return loss * scale, {"lm_loss": report}
+            tp = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+            logp, _ = vocab_parallel_logprobs_entropy(logits, labels, tp_group=tp,
+                                                      vocab_size=vocab_size)
+            loss = -logp.sum() / total_tokens
+            return loss * scale, {"lm_loss": loss.detach().clone()}
 
         return out, loss_func
 

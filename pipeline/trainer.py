@@ -440,7 +440,8 @@ class Trainer:
         from megatron_ext.checkpoint import save_checkpoint
 
         save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
-                        extra=self._extra_state(), keep_last=self.cfg.checkpoint.keep_last)
+                        extra=self._extra_state(), keep_last=self.cfg.checkpoint.keep_last,
+                        hf_config=self.hf, hf_files_dir=self.hf_path)
 
     def _maybe_resume(self):
         from megatron_ext.checkpoint import latest_checkpoint, load_checkpoint

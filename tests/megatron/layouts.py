@@ -108,7 +108,7 @@ def _lm_step(model, optimizer, tokens, num_microbatches, do_step):
     total = tokens[:, 1:].numel()
     mine = tokens.chunk(dp, dim=0)[dpr]
     mbs = [{"tokens": t} for t in mine.chunk(num_microbatches, dim=0)]
-    fwd = lm_forward_step(num_microbatches, total)
+    fwd = lm_forward_step(num_microbatches, total, vocab_size=HF["vocab_size"])
     seq = tokens.shape[1] - 1
     if do_step:
         res = train_step(model, optimizer, fwd, mbs, seq_length=seq, micro_batch_size=mbs[0]["tokens"].shape[0])

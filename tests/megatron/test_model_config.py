@@ -120,3 +120,16 @@ def test_sdpa_matches_explicit_softmax_attention_with_gqa():
     scores = scores.masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
     ref = torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), vv).reshape(6, 2, 32)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra, field", [
+    (dict(attention_bias=True), "attention_bias"), (dict(mlp_bias=True), "mlp_bias")])
+def test_hf_variants_the_model_cannot_represent_are_refused(extra, field):
+    with pytest.raises(ValueError, match=f"hf_config.{field}=True is not supported"):
+        validate_model_layout(load_hf_config(dict(BASE, **extra)), ModelConfig())
+
+
+def test_qwen2_sliding_window_is_refused():
+    hf = load_hf_config(dict(BASE, model_type="qwen2", use_sliding_window=True))
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        validate_model_layout(hf, ModelConfig())
