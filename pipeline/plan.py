@@ -230,9 +230,9 @@ def estimate(cfg: JobConfig, hw: Hardware) -> Plan:
         terms += _rollout_terms(cfg, hw, s, algo.name, problems)
         slack = RUNTIME_SLACK * (act + logits) / GIB
         terms.append(Term("runtime (CUDA, NCCL, allocator)", RUNTIME_FIXED_GIB + slack, "runtime"))
-        total = sum(t.gib for t in terms)
-        if worst is None or total > worst[0]:
-            worst = (total, stage, terms)
+        peak = Plan(hw=hw, summary=[], terms=terms, stage=stage, stages=pp).peak_gib
+        if worst is None or peak > worst[0]:
+            worst = (peak, stage, terms)
     _, stage, terms = worst
     summary = [
         f"layout   {hw.nodes} node(s) x {hw.gpus_per_node} GPUs ({hw.gpu_mem_gib:g} GiB), "
@@ -243,6 +243,10 @@ def estimate(cfg: JobConfig, hw: Hardware) -> Plan:
         f"model    {hf.model_type} {_count(param_count(hf))} parameters, vocab {s.vocab} "
         f"padded to {vocab_p}, {m.params_dtype}{f', fp8 {m.fp8}/{m.fp8_recipe}' if m.fp8 else ''}"
         f", recompute {m.recompute_granularity or 'none'}",
+        f"checks   heads {s.heads}, query groups {s.groups}, ffn {s.ffn} divisible by TP {tp}; "
+        f"layers {s.layers} by PP x VPP {pp * vpp}; vocab padded to {vocab_p // tp} rows per TP "
+        f"rank; {r.prompts_per_step} prompts by DP {dp} ({r.prompts_per_step // dp} per rank, "
+        f"{tr.updates_per_step} update(s)): ok",
         f"batch    {r.prompts_per_step} prompts x {r.n_samples} samples ({keep} trained), "
         f"rows <= {row_len} tokens, micro-batch {tr.micro_batch_tokens} tokens, "
         f"{n_mb} micro-batches per update per DP rank",
