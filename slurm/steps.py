@@ -11,7 +11,9 @@ Free-port strategy: every component picks a free port on its own node when it st
 (bind to port 0, then hand that port to the server) and publishes ``http://<host>:<port>``
 as a file in the job's directory on the shared filesystem (``<dir>/servers/<host>-<task>.url``,
 ``<dir>/router.url``, written atomically). Nothing is guessed from the job id, so two jobs on
-one node cannot collide, and the batch script learns every address from the files.
+one node cannot collide, and the batch script learns every address from the files. Fixed
+ports instead: ``SERVER_BASE_PORT`` (server ``i`` of a node listens on base + i) and
+``ROUTER_PORT``.
 
 Server commands come from :mod:`inference.launcher` (the same builders the in-process launcher
 uses), from ``rollout.sglang`` as ``rollout.engine=sglang`` reads it (ServerConfig fields;
@@ -128,7 +130,8 @@ def cmd_server(args) -> int:
         return 2
     index = int(os.environ.get("SLURM_LOCALID", "0"))
     host = socket.gethostname()
-    port = free_port()
+    base = os.environ.get("SERVER_BASE_PORT")
+    port = int(base) + index if base else free_port()
     cmd = server_command(cfg, args.kind, args.layout, model_path, port, index, args.extra)
     print(f"server {index} on {host}:{port}: {shlex.join(cmd)}", flush=True)
     publish(os.path.join(args.dir, "servers", f"{host}-{index}.url"), f"http://{host}:{port}")
@@ -168,7 +171,7 @@ def cmd_router(args) -> int:
 
     deadline = time.monotonic() + args.timeout
     urls = _wait_servers(args.dir, args.count, deadline, [])
-    port = free_port()
+    port = int(os.environ.get("ROUTER_PORT") or free_port())
     cmd = router_command(ServerConfig(model_path="", host="0.0.0.0", python=sys.executable), urls, port)
     cmd += args.extra
     host = socket.gethostname()
