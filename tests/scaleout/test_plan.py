@@ -78,10 +78,12 @@ def test_published_sizes():
 
 
 @pytest.mark.parametrize("params_dtype,distributed,world", [("fp32", False, 1), ("bf16", True, 2)])
-def test_resident_memory_matches_megatron_within_20_percent(params_dtype, distributed, world):
+def test_resident_memory_matches_megatron_within_20_percent(tiny_assets, params_dtype, distributed, world):
     """Tiny model on CPU: parameters, DDP grad buffer and optimizer state (fp32 master weights
     and Adam moments, sharded over DP 2 with the distributed optimizer) after one real step."""
-    cfg = load_job_config(TINY, [f"model.params_dtype={params_dtype}",
+    cfg = load_job_config(TINY, [f"model.hf_config={os.path.join(tiny_assets, 'model')}",
+                                 f"data.paths=[{os.path.join(tiny_assets, 'train.jsonl')}]",
+                                 f"model.params_dtype={params_dtype}",
                                  f"optimizer.use_distributed_optimizer={str(distributed).lower()}",
                                  "rollout.prompts_per_step=32"])
     plan = estimate(cfg, Hardware(nodes=1, gpus_per_node=world, colocated=False))

@@ -40,11 +40,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    sys.path.insert(0, os.path.join(ROOT, "examples", "tiny"))
-    from make_assets import build
-
-    return build(str(tmp_path_factory.mktemp("tiny-assets")))
+def assets(tiny_assets):
+    return tiny_assets
 
 
 def _overrides(assets: str, run_dir: str, steps: int, **more) -> str:
