@@ -121,13 +121,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_plan(args) -> int:
-    from pipeline.plan import main as plan_main
-
-    return plan_main(args.rest)
-
-
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Subcommands with their own parsers get their arguments untouched (argparse's REMAINDER
+    # would drop a leading option such as `plan --config F`).
+    if argv and argv[0] == "serve":
+        from inference.serve import main as serve_main
+
+        return serve_main(argv[1:]) or 0
+    if argv and argv[0] == "convert":
+        return _convert(argv[1:])
+    if argv and argv[0] == "plan":
+        from pipeline.plan import main as plan_main
+
+        return plan_main(argv[1:])
     ap = argparse.ArgumentParser(prog="groupwise", description="RL post-training for LLMs")
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="run RL training")
@@ -151,13 +158,7 @@ def main(argv=None) -> int:
         return cmd_train(args)
     if args.command == "eval":
         return cmd_eval(args)
-    if args.command == "serve":
-        from inference.serve import main as serve_main
-
-        return serve_main(args.rest) or 0
-    if args.command == "convert":
-        return _convert(args.rest)
-    return cmd_plan(args)
+    raise AssertionError(f"unhandled command {args.command}")
 
 
 def _convert(rest: list[str]) -> int:
@@ -168,7 +169,11 @@ def _convert(rest: list[str]) -> int:
         from tools.convert_hf_to_megatron import main as conv
     else:
         from tools.convert_megatron_to_hf import main as conv
-    return conv(rest[1:]) or 0
+    try:
+        return conv(rest[1:]) or 0
+    except (ValueError, OSError) as e:  # user-caused: name the problem, no traceback
+        print(f"convert: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

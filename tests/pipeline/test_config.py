@@ -102,3 +102,13 @@ def test_base_chain_merges_sections(tmp_path):
     (tmp_path / "c.yaml").write_text("base: c.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_yaml(str(tmp_path / "c.yaml"))
+
+
+def test_cli_passes_options_through_to_plan_and_convert(capsys):
+    from pipeline.cli import main
+
+    assert main(["plan", "--config", "examples/qwen2.5-7b/grpo.yaml", "--nodes", "1",
+                 "--gpus-per-node", "8", "--gpu-mem", "80"]) == 0
+    assert "fits" in capsys.readouterr().out
+    assert main(["convert", "megatron-to-hf", "--ckpt", "/nonexistent", "--out", "/tmp/x"]) == 2
+    assert "/nonexistent" in capsys.readouterr().err
