@@ -220,7 +220,18 @@ class Trainer:
         t_prep = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        loss_metrics, grad_norms, skipped = self._update(rows, terms, len(groups))
+        # Colocated SGLang gives its weights and KV cache back while the trainer steps (the
+        # planner counts on it); not with overlap, where it is generating meanwhile.
+        release = (topo.leader and cfg.rollout.engine == "sglang"
+                   and cfg.rollout.sglang.get("layout", "colocated") == "colocated"
+                   and not cfg.rollout.off_policy_overlap)
+        if release:
+            self.engine.release_memory()
+        try:
+            loss_metrics, grad_norms, skipped = self._update(rows, terms, len(groups))
+        finally:
+            if release:
+                self.engine.resume_memory()
         t_train = time.perf_counter() - t2
 
         t3 = time.perf_counter()
