@@ -124,6 +124,7 @@ def initialize(parallel: ParallelConfig, *, seed: int = 1234, rank: int | None =
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         context_parallel_size=parallel.context_parallel,
     )
+    _build_replica_group(parallel, denv.rank)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     # On CPU the routed "CUDA" seed above differs per TP rank; reset the CPU generator so
     # every rank draws the same master weights (use_cpu_initialization slices them after).
@@ -131,9 +132,40 @@ def initialize(parallel: ParallelConfig, *, seed: int = 1234, rank: int | None =
     return denv
 
 
-def destroy() -> None:
+_REPLICA_GROUP = None
+
+
+def _build_replica_group(parallel: ParallelConfig, rank: int) -> None:
+    """The ranks that hold one model replica: TP x CP x PP (megatron's "model parallel" group
+    leaves CP out, but CP ranks of one replica train on the same rows, so they must share one
+    rollout and one engine). Same rank order as ``initialize_model_parallel``'s default."""
+    global _REPLICA_GROUP
     from megatron.core import parallel_state
 
+    if parallel.context_parallel == 1:
+        _REPLICA_GROUP = parallel_state.get_model_parallel_group()
+        return
+    gen = parallel_state.RankGenerator(
+        tp=parallel.tensor_parallel, ep=1, dp=parallel.data_parallel(dist.get_world_size()),
+        pp=parallel.pipeline_parallel, cp=parallel.context_parallel, order="tp-cp-ep-dp-pp")
+    for ranks in gen.get_ranks("tp-cp-pp"):
+        group = dist.new_group(ranks)  # collective: every rank creates every group
+        if rank in ranks:
+            _REPLICA_GROUP = group
+
+
+def replica_group():
+    """Process group of this rank's model replica (TP x CP x PP ranks with one DP rank)."""
+    if _REPLICA_GROUP is None:
+        raise RuntimeError("megatron_ext.parallel.initialize() has not been called")
+    return _REPLICA_GROUP
+
+
+def destroy() -> None:
+    global _REPLICA_GROUP
+    from megatron.core import parallel_state
+
+    _REPLICA_GROUP = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

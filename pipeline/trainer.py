@@ -30,7 +30,7 @@ class Topology:
     dp: int
     dp_rank: int
     dp_group: object
-    mp_group: object  # ranks holding one replica (TP x PP); share one engine
+    mp_group: object  # ranks holding one replica (TP x CP x PP); share one engine
     leader: bool  # owns the engine client and the reward pool of its replica
     leader_global: int
     last_stage: bool
@@ -39,7 +39,9 @@ class Topology:
 def _topology() -> Topology:
     from megatron.core import parallel_state as ps
 
-    mp = ps.get_model_parallel_group()
+    from megatron_ext.parallel import replica_group
+
+    mp = replica_group()
     leader_global = dist.get_global_rank(mp, 0)
     return Topology(dp=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
                     dp_group=ps.get_data_parallel_group(), mp_group=mp,
