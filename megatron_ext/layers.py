@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from .packing import cp_token_positions
+
 
 class TorchNorm:
     """Norm for the layer spec: [*, hidden] -> [*, hidden]; SP-tagged when needed.
@@ -88,21 +90,6 @@ class _AllGatherCP(torch.autograd.Function):
         else:
             dist.reduce_scatter(out, parts, group=ctx.group)
         return out, None
-
-
-def cp_token_positions(seq_lens: torch.Tensor, cp_size: int, cp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence id and position [t_local] of each token a CP rank holds (load-balanced split).
-
-    Each sequence (length divisible by 2*cp_size) is cut into 2*cp chunks; rank r holds chunks
-    r and 2*cp-1-r, concatenated, sequence after sequence: Megatron's causal load balancing.
-    """
-    seq_ids, positions = [], []
-    for i, n in enumerate(seq_lens.tolist()):
-        chunk = n // (2 * cp_size)
-        for c in (cp_rank, 2 * cp_size - 1 - cp_rank):
-            positions.append(torch.arange(c * chunk, (c + 1) * chunk))
-            seq_ids.append(torch.full((chunk,), i))
-    return torch.cat(seq_ids), torch.cat(positions)
 
 
 class SDPAttention(MegatronModule):

@@ -9,7 +9,11 @@ The algorithm's loss comes in as a callable so ``megatron_ext`` never imports ``
 
 ``loss`` must already use the step-global denominators (all micro-batches, all DP ranks), i.e.
 the true mini-batch loss is the SUM of the returned losses over micro-batches and DP ranks;
-the same holds for every metric, which the trainer sums.
+the same holds for every metric, which the trainer sums over DP (not over CP: under context
+parallelism every CP rank sees the whole rows, see :class:`_CompleteRowsOverCP`).
+
+``token_budget`` counts the tokens of one packed micro-batch before it is split over CP ranks
+(each CP rank holds ``token_budget / CP`` of them).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .logprobs import vocab_parallel_logprobs_entropy
-from .packing import PackedMicroBatch, Row, pack_all
+from .packing import PackedMicroBatch, Row, pack_all, pad_multiples, split_for_context_parallel
 from .train import forward_only, schedule_scale, train_step
 
 LossFn = Callable[[list, torch.Tensor, torch.Tensor, torch.Tensor], tuple]
@@ -32,24 +36,73 @@ def _tp_group():
     return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
 
 
+def _cp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
+
+
+class _CompleteRowsOverCP(torch.autograd.Function):
+    """[..., rows, T] partial rows per CP rank (zeros at tokens another rank holds) -> the
+    complete rows on every CP rank.
+
+    Forward all-reduces (sums): each scored token is held by exactly one rank. Backward is the
+    identity, not an all-reduce: every CP rank evaluates the same loss on the same complete
+    rows, so each rank's incoming gradient already is the whole gradient, and the slice that
+    reaches its own tokens (the other positions were masked to zero) is exactly once.
+    Per-sequence terms (sequence means, GSPO's sequence ratio, JEPO answer sums, SPRO prefix
+    sums) are then computed on whole sequences by the unchanged algorithm code.
+    """
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        full = partial.clone()
+        dist.all_reduce(full, group=group)
+        return full
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def _model_forward(model, mb: PackedMicroBatch):
     return model(mb.input_ids[None], mb.position_ids[None], None,
                  packed_seq_params=mb.packed_seq_params())
 
 
 def _row_logprobs(logits, mb: PackedMicroBatch, *, temperature, vocab_size, chunk_size):
-    """logits [1, t, V/TP] -> (logprobs, entropy) [rows, T] left-aligned, mask [rows, T]."""
+    """logits [1, t_local, V/TP] -> (logprobs, entropy) [rows, T] left-aligned and complete
+    (all CP ranks' tokens), mask [rows, T]."""
     logp, ent = vocab_parallel_logprobs_entropy(
         logits[0], mb.targets, tp_group=_tp_group(), temperature=temperature,
         chunk_size=chunk_size, vocab_size=vocab_size)
-    return mb.to_rows(logp), mb.to_rows(ent), mb.score_mask
+    lp_rows, ent_rows = mb.to_rows(logp), mb.to_rows(ent)
+    cp = _cp_group()
+    if cp is not None:
+        lp_rows, ent_rows = _CompleteRowsOverCP.apply(torch.stack([lp_rows, ent_rows]), cp).unbind(0)
+    return lp_rows, ent_rows, mb.score_mask
+
+
+FP8_TOKEN_MULTIPLE = {"mxfp8": 32}  # other recipes: 16 (TransformerEngine's FP8 GEMM shapes)
 
 
 def microbatches(rows: list[Row], token_budget: int, config) -> list[PackedMicroBatch]:
-    """Pack this rank's rows; padded for sequence parallelism and, under PP, to one length."""
-    tp = config.tensor_model_parallel_size
-    return pack_all(rows, token_budget, pad_to_multiple=tp if config.sequence_parallel else 1,
-                    same_length=config.pipeline_model_parallel_size > 1)
+    """This rank's packed micro-batches: padded for sequence parallelism, CP and FP8, under PP
+    to one length, and under CP cut down to this CP rank's share."""
+    from megatron.core import parallel_state as ps
+
+    cp = config.context_parallel_size
+    recipe = getattr(config, "fp8_recipe", None)
+    fp8 = FP8_TOKEN_MULTIPLE.get(getattr(recipe, "value", recipe), 16) if config.fp8 else 1
+    seq_multiple, multiple = pad_multiples(tp=config.tensor_model_parallel_size,
+                                           sequence_parallel=config.sequence_parallel, cp=cp,
+                                           fp8_multiple=fp8)
+    packs = pack_all(rows, token_budget, pad_to_multiple=multiple, seq_multiple=seq_multiple,
+                     same_length=config.pipeline_model_parallel_size > 1)
+    if cp == 1:
+        return packs
+    rank = ps.get_context_parallel_rank()
+    return [split_for_context_parallel(mb, cp, rank) for mb in packs]
 
 
 def policy_update(model, optimizer, rows: list[Row], loss_fn: LossFn, *, token_budget: int,

@@ -7,6 +7,8 @@ import torch
 
 from .layouts import HF, _setup, gather_full, load_full
 
+MODES = ("token-mean", "seq-mean-token-mean", "seq-ratio")
+
 
 def make_rows(n=8, seed=3):
     from megatron_ext.packing import Row
@@ -27,6 +29,12 @@ def _loss_fn(mode, adv, num_tokens, num_seqs):
 
     def loss_fn(row_ids, lp, ent, mask):
         a = adv[row_ids][:, None]
+        if mode == "seq-ratio":
+            # Non-linear in whole-sequence sums (like GSPO's sequence ratio): under CP it is
+            # only right if every rank sees every token of the sequence.
+            seq_mean = (lp * mask).sum(1) / mask.sum(1)
+            loss = -(a[:, 0] * torch.exp(seq_mean)).sum() / num_seqs
+            return loss, {"loss": loss}
         per_token = -a * lp
         loss = aggregate(per_token, mask, mode, num_tokens=num_tokens, num_seqs=num_seqs)
         return loss, {"loss": loss}
@@ -47,8 +55,9 @@ def _run(model, opt, rows, adv, mode, budget):
                                  vocab_size=HF["vocab_size"])
     loss = torch.tensor(float(metrics.get("loss", 0.0)))
     torch.distributed.all_reduce(loss)  # over DP (and PP: only the last stage holds it)
-    tp_cp = ps.get_tensor_model_parallel_world_size()
-    return float(loss) / tp_cp, gather_full(model, "main_grad")
+    # TP and CP ranks each report the whole DP rank's loss.
+    copies = ps.get_tensor_model_parallel_world_size() * ps.get_context_parallel_world_size()
+    return float(loss) / copies, gather_full(model, "main_grad")
 
 
 def rl_layouts_job(rank, world_size):
@@ -60,7 +69,7 @@ def rl_layouts_job(rank, world_size):
     out = {}
     model, o, _ = _setup(tp=2, opt=opt)
     ref = gather_full(model, "data")
-    for mode in ("token-mean", "seq-mean-token-mean"):
+    for mode in MODES:
         out[f"ref_{mode}"] = _run(model, o, rows, adv, mode, budget=10_000)  # one micro-batch
         out[f"mb4_{mode}"] = _run(model, o, rows, adv, mode, budget=20)  # several micro-batches
     # Step 0: the trainer's recomputed `old` and the reference model's `ref` log-probs agree
@@ -75,9 +84,15 @@ def rl_layouts_job(rank, world_size):
     alone = compute_logprobs(model, rows, token_budget=1)
     out["packed_vs_alone"] = max(float((a - b).abs().max()) for a, b in zip(old, alone))
 
-    for label, kw in (("tp1dp2", {}), ("tp2sp", dict(tp=2, sp=True)), ("pp2", dict(pp=2))):
+    for label, kw in (("tp1dp2", {}), ("tp2sp", dict(tp=2, sp=True)), ("pp2", dict(pp=2)),
+                      ("cp2", dict(cp=2))):
         model, o, _ = _setup(opt=opt, **kw)
         load_full(model, ref)
-        for mode in ("token-mean", "seq-mean-token-mean"):
+        for mode in MODES:
             out[f"{label}_{mode}"] = _run(model, o, rows, adv, mode, budget=30)
+        if label == "cp2":
+            # The no-grad pass returns whole rows on every CP rank, equal to the TP2 values.
+            cp_old = compute_logprobs(model, rows, token_budget=25)
+            out["cp2_old"] = max(float((a - b).abs().max()) for a, b in zip(old, cp_old))
+            out["cp2_old_lengths"] = [len(x) for x in cp_old] == [r.n_scored for r in rows]
     return out if rank == 0 else None

@@ -5,9 +5,7 @@ import pytest
 
 from megatron_ext.multirank import run_ranks
 
-from .rl_layouts import rl_layouts_job
-
-MODES = ("token-mean", "seq-mean-token-mean")
+from .rl_layouts import MODES, rl_layouts_job
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +22,7 @@ def _grad_diff(a, b):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("layout", ["mb4", "tp1dp2", "tp2sp", "pp2"])
+@pytest.mark.parametrize("layout", ["mb4", "tp1dp2", "tp2sp", "pp2", "cp2"])
 def test_loss_and_gradients_match_reference(results, layout, mode):
     ref_loss, ref_grads = results[f"ref_{mode}"]
     loss, grads = results[f"{layout}_{mode}"]
@@ -40,3 +38,8 @@ def test_step0_old_equals_ref(results):
 
 def test_packed_equals_each_sequence_alone(results):
     assert results["packed_vs_alone"] < 1e-5
+
+
+def test_context_parallel_logprobs_are_whole_rows(results):
+    assert results["cp2_old_lengths"]
+    assert results["cp2_old"] < 1e-5
