@@ -13,7 +13,7 @@ import pytest
 
 from megatron_ext.multirank import run_ranks
 
-from .trainer_jobs import (faults_job, overlap_job, presets_job, resume_job,
+from .trainer_jobs import (faults_job, one_step_job, overlap_job, presets_job, resume_job,
                            sglang_standin_job)
 
 PRESETS = ["grpo", "dr_grpo", "rloo", "reinforce_pp", "dapo", "gspo", "pods", "copo", "aapo",
@@ -35,6 +35,28 @@ def test_every_preset_steps_and_syncs(tmp_path, tp):
         assert r["loss"] is not None and math.isfinite(r["loss"]), (name, r["metrics"])
         assert r["changed"] > 0, f"{name}: the step did not change the weights"
         assert r["synced"], f"{name}: engine weights differ from the trainer's after sync"
+
+
+# Per-sequence terms (GSPO's sequence ratio, JEPO's answer likelihoods, SPRO's prefix sums)
+# are where a context-parallel split could go wrong: each CP rank holds half of every sequence.
+CP_PRESETS = ["grpo", "gspo", "jepo", "spro"]
+
+
+def test_context_parallel_step_equals_single_rank_step(tmp_path):
+    # adam_eps=1: the first Adam update is ~lr * g instead of ~lr * sign(g), so weights after
+    # the step compare the gradients rather than the sign of float noise on tiny ones.
+    common = ["optimizer.adam_eps=1.0"]
+    single = run_ranks(one_step_job, 1, str(tmp_path / "one"), common, CP_PRESETS, timeout=300)[0]
+    cp2 = run_ranks(one_step_job, 2, str(tmp_path / "cp2"), common + ["parallel.context_parallel=2"],
+                    CP_PRESETS, timeout=300)[0]
+    for name in CP_PRESETS:
+        a, b = single[name]["metrics"], cp2[name]["metrics"]
+        assert a["reward_mean"] == b["reward_mean"], name  # the same rollout
+        assert abs(a["loss"] - b["loss"]) < 1e-6, (name, a["loss"], b["loss"])
+        assert b["grad_norm"] > 1e-3 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * a["grad_norm"]
+        diff = max(float((x - y).abs().max())
+                   for x, y in zip(single[name]["params"], cp2[name]["params"]))
+        assert diff < 1e-7, f"{name}: CP=2 weights differ from single-rank weights by {diff}"
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

@@ -67,6 +67,23 @@ def presets_job(rank, world_size, tmp, tp, names):
     return out if rank == 0 else None
 
 
+def one_step_job(rank, world_size, tmp, layout, names):
+    """One step per preset under ``layout`` overrides: metrics and the whole model's weights
+    after the step (TP=1, so every rank holds full parameters) from rank 0."""
+    from pipeline.trainer import Trainer
+
+    out = {}
+    for name in names:
+        trainer = Trainer(_config(f"{tmp}/{name}", [f"algorithm.name={name}", *layout,
+                                                    *PRESET_OVERRIDES.get(name, [])]))
+        try:
+            metrics = trainer.train_one_step()
+            out[name] = {"metrics": metrics, "params": _local_params(trainer)}
+        finally:
+            trainer.close()
+    return out if rank == 0 else None
+
+
 def resume_job(rank, world_size, tmp):
     """4 steps straight vs 2 steps + resume to 4: final weights and metric rows."""
     from pipeline.metrics import read_metrics
