@@ -220,15 +220,34 @@ def pad_multiples(*, tp: int = 1, sequence_parallel: bool = False, cp: int = 1,
     return seq_multiple, math.lcm(seq_multiple, cp * tp_sp * fp8_multiple)
 
 
-def balance_groups(group_tokens: list[int], dp_size: int) -> list[list[int]]:
-    """Assign whole groups to DP ranks, longest first to the least-loaded rank (LPT), with
-    equal group counts per rank when the count divides. Returns group indices per rank."""
-    per_rank = len(group_tokens) // dp_size if len(group_tokens) % dp_size == 0 else None
-    loads = [0] * dp_size
-    out: list[list[int]] = [[] for _ in range(dp_size)]
-    for g in sorted(range(len(group_tokens)), key=lambda i: (-group_tokens[i], i)):
-        ranks = [r for r in range(dp_size) if per_rank is None or len(out[r]) < per_rank]
-        r = min(ranks, key=lambda k: (loads[k], k))
-        out[r].append(g)
-        loads[r] += group_tokens[g]
-    return [sorted(o) for o in out]
+def balance_by_swaps(tokens: list[list[int]], max_swaps: int | None = None) -> list[list[tuple[int, int]]]:
+    """Even out DP ranks' token loads by swapping whole groups, keeping group counts per rank.
+
+    ``tokens[r][i]``: tokens of rank r's i-th group. Returns, per rank and slot, the
+    ``(rank, index)`` of the group it holds afterwards. Each swap exchanges one group of the
+    heaviest rank with a lighter one of the lightest rank, choosing the pair that best halves
+    their gap, so most groups stay where they were generated and few need to travel. Every
+    swap strictly lowers the sum of squared loads, so it ends; deterministic on every rank.
+    """
+    held = [[(r, i) for i in range(len(ts))] for r, ts in enumerate(tokens)]
+    load = [[t for t in ts] for ts in tokens]
+    totals = [sum(ts) for ts in load]
+    limit = sum(len(ts) for ts in tokens) if max_swaps is None else max_swaps
+    for _ in range(limit):
+        hi = max(range(len(totals)), key=lambda r: (totals[r], -r))
+        lo = min(range(len(totals)), key=lambda r: (totals[r], r))
+        gap = totals[hi] - totals[lo]
+        best = None
+        for i, a in enumerate(load[hi]):
+            for j, b in enumerate(load[lo]):
+                if 0 < a - b < gap and (best is None or abs(gap - 2 * (a - b)) < best[0]):
+                    best = (abs(gap - 2 * (a - b)), i, j)
+        if best is None:
+            break
+        _, i, j = best
+        d = load[hi][i] - load[lo][j]
+        load[hi][i], load[lo][j] = load[lo][j], load[hi][i]
+        held[hi][i], held[lo][j] = held[lo][j], held[hi][i]
+        totals[hi] -= d
+        totals[lo] += d
+    return held

@@ -19,6 +19,7 @@ from megatron_ext.packing import Row
 from megatron_ext.policy_step import ReferenceWeights, compute_logprobs, policy_update
 from pipeline.config import JobConfig, algorithm_of
 from pipeline.config_io import to_dict
+from pipeline.dp_balance import balance_over_dp
 from pipeline.metrics import MetricsLogger, ratio, reduce_sums
 from pipeline.rollout import Group, rollout_step
 
@@ -217,6 +218,7 @@ class Trainer:
         t_rollout = time.perf_counter() - t0
 
         t1 = time.perf_counter()
+        groups, balance = balance_over_dp(groups, topo.dp_group)
         rows, step_batch, entropy_sum = self._prepare(groups)
         terms = self.algo.advantages(step_batch, group=topo.dp_group)
         t_prep = time.perf_counter() - t1
@@ -264,6 +266,7 @@ class Trainer:
             "time_sync": t_sync, "weight_version": self.weight_version,
             "nan_steps_skipped": self.counters["nan_steps_skipped"],
             "reward_timeouts": sums["reward_timeouts"], "reward_errors": sums["reward_errors"],
+            **balance,
         }
         for k, v in loss_sums.items():
             out[k] = v / max(cfg.trainer.updates_per_step, 1)
