@@ -96,3 +96,22 @@ def rl_layouts_job(rank, world_size):
             out["cp2_old"] = max(float((a - b).abs().max()) for a, b in zip(old, cp_old))
             out["cp2_old_lengths"] = [len(x) for x in cp_old] == [r.n_scored for r in rows]
     return out if rank == 0 else None
+
+
+def rl_tp_cp_job(rank, world_size):
+    """4 ranks: DP=4 (the reference) vs TP=2 with sequence parallelism x CP=2, where each
+    sequence is padded to 2 * CP * TP and every TP rank holds a slice of each CP chunk."""
+    from megatron_ext.train import OptimizerConfig
+
+    rows, adv = make_rows()
+    opt = OptimizerConfig(lr=0.0, clip_grad=0.0)
+    out = {}
+    model, o, _ = _setup(opt=opt)
+    ref = gather_full(model, "data")
+    for mode in MODES:
+        out[f"dp4_{mode}"] = _run(model, o, rows, adv, mode, budget=30)
+    model, o, _ = _setup(tp=2, sp=True, cp=2, opt=opt)
+    load_full(model, ref)
+    for mode in MODES:
+        out[f"tp2spcp2_{mode}"] = _run(model, o, rows, adv, mode, budget=30)
+    return out if rank == 0 else None

@@ -5,7 +5,7 @@ import pytest
 
 from megatron_ext.multirank import run_ranks
 
-from .rl_layouts import MODES, rl_layouts_job
+from .rl_layouts import MODES, rl_layouts_job, rl_tp_cp_job
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +43,16 @@ def test_packed_equals_each_sequence_alone(results):
 def test_context_parallel_logprobs_are_whole_rows(results):
     assert results["cp2_old_lengths"]
     assert results["cp2_old"] < 1e-5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tp_sp_cp_on_four_ranks_matches_dp4(mode, tp_cp_results):
+    ref_loss, ref_grads = tp_cp_results[f"dp4_{mode}"]
+    loss, grads = tp_cp_results[f"tp2spcp2_{mode}"]
+    assert abs(loss - ref_loss) < 1e-5
+    assert _grad_diff(grads, ref_grads) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def tp_cp_results():
+    return run_ranks(rl_tp_cp_job, 4, timeout=400)[0]
