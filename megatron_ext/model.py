@@ -22,7 +22,12 @@ import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 FP8_FORMATS = ("e4m3", "hybrid")
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+# megatron-core's fp8_recipe names -> the TransformerEngine recipe class each one builds.
+FP8_RECIPE_CLASSES = {"delayed": "DelayedScaling", "tensorwise": "Float8CurrentScaling",
+                      "blockwise": "Float8BlockScaling", "mxfp8": "MXFP8BlockScaling"}
+FP8_RECIPES = tuple(FP8_RECIPE_CLASSES)
+FP8_MIN_CAPABILITY = (9, 0)  # FP8 tensor cores: Hopper or newer
+MXFP8_CAPABILITY_MAJOR = 10  # MXFP8 block scaling runs on Blackwell (10.x) only
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -93,9 +98,12 @@ def te_available() -> bool:
 
 
 def validate_model_layout(hf, model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1, cp: int = 1,
-                          vpp: int | None = None, sequence_parallel: bool = False) -> None:
+                          vpp: int | None = None, sequence_parallel: bool = False,
+                          use_te: bool | None = None,
+                          capability: tuple[int, int] | None = None) -> None:
     """Check a HF config against a parallel layout before any process group starts.
 
+    ``use_te`` and ``capability`` go to :func:`validate_fp8` (None: this machine's).
     Raises ValueError naming the field and the fix.
     """
     _check_model_type(getattr(hf, "model_type", None), "hf_config")
@@ -124,7 +132,7 @@ def validate_model_layout(hf, model_cfg: ModelConfig, *, tp: int = 1, pp: int = 
     if model_cfg.params_dtype not in PARAM_DTYPES:
         raise ValueError(f"model.params_dtype={model_cfg.params_dtype!r}: expected one of "
                          f"{', '.join(PARAM_DTYPES)}")
-    validate_fp8(model_cfg)
+    validate_fp8(model_cfg, hf=hf, tp=tp, use_te=use_te, capability=capability)
     rs = _rope_params(hf)
     rope_type = rs.get("rope_type", rs.get("type")) if rs else None
     if rope_type not in (None, "default", "llama3"):
@@ -132,20 +140,88 @@ def validate_model_layout(hf, model_cfg: ModelConfig, *, tp: int = 1, pp: int = 
                          "(supported: default, llama3)")
 
 
-def validate_fp8(model_cfg: ModelConfig, *, use_te: bool | None = None) -> None:
-    """FP8 needs TransformerEngine on CUDA; formats and recipes are checked by name."""
+def validate_fp8(model_cfg: ModelConfig, *, hf=None, tp: int = 1, use_te: bool | None = None,
+                 capability: tuple[int, int] | None = None) -> None:
+    """What TransformerEngine needs for ``model.fp8``; raises ValueError naming the field and
+    the fix.
+
+    - format and recipe names; TE present (``use_te=None``: on this machine, and then its
+      ``transformer_engine.common.recipe`` must have the recipe's class; ``use_te=True``:
+      the caller plans for a machine that has TE, this one's is not consulted);
+    - compute capability 9.0+ (Hopper) for any FP8 recipe, 10.x (Blackwell) for ``mxfp8``.
+      ``capability=None``: this machine's GPU when CUDA is available; without CUDA the check
+      is skipped only when ``use_te`` was given (planning for another machine);
+    - with ``hf``: every GEMM dimension of one TP shard a multiple of 16 (32 for ``mxfp8``,
+      whose scales cover blocks of 32 elements): hidden size, QKV and attention widths / TP,
+      intermediate size / TP. The embedding and the output layer are not TE modules and stay
+      in bf16, so the vocabulary needs no alignment.
+    """
     if model_cfg.fp8 is None:
         return
     if model_cfg.fp8 not in FP8_FORMATS:
         raise ValueError(f"model.fp8={model_cfg.fp8!r}: expected one of {', '.join(FP8_FORMATS)} or null")
-    if model_cfg.fp8_recipe not in FP8_RECIPES:
-        raise ValueError(f"model.fp8_recipe={model_cfg.fp8_recipe!r}: expected one of "
-                         f"{', '.join(FP8_RECIPES)}")
+    recipe = model_cfg.fp8_recipe
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"model.fp8_recipe={recipe!r}: expected one of {', '.join(FP8_RECIPES)}")
+    if model_cfg.use_te is False:
+        raise ValueError("model.fp8 needs TransformerEngine, but model.use_te=false selects the "
+                         "local layer spec; set model.use_te: null, or model.fp8: null")
     te = te_available() if use_te is None else use_te
     if not te:
         raise ValueError("model.fp8 is set but TransformerEngine with CUDA is not available; "
                          "install the gpu extra (pip install 'groupwise[gpu]') on a CUDA machine "
                          "or set model.fp8: null")
+    if use_te is None:
+        _check_te_recipe(recipe)
+    if capability is None and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+    if capability is not None:
+        _check_fp8_capability(recipe, tuple(capability))
+    if hf is not None:
+        _check_fp8_alignment(hf, recipe, tp)
+
+
+def _check_te_recipe(recipe: str) -> None:
+    """This machine's TE (importable: te_available() said so) has the recipe's class."""
+    import importlib
+
+    module = importlib.import_module("transformer_engine.common.recipe")
+    name = FP8_RECIPE_CLASSES[recipe]
+    if not hasattr(module, name):
+        version = getattr(importlib.import_module("transformer_engine"), "__version__", "?")
+        raise ValueError(f"model.fp8_recipe={recipe} needs transformer_engine.common.recipe.{name}, "
+                         f"which TransformerEngine {version} lacks; upgrade TransformerEngine or "
+                         f"choose another model.fp8_recipe")
+
+
+def _check_fp8_capability(recipe: str, capability: tuple[int, int]) -> None:
+    have = f"{capability[0]}.{capability[1]}"
+    if capability < FP8_MIN_CAPABILITY:
+        raise ValueError(f"model.fp8 needs compute capability {FP8_MIN_CAPABILITY[0]}."
+                         f"{FP8_MIN_CAPABILITY[1]}+ (Hopper or newer); the GPU is {have}: "
+                         "set model.fp8: null to train in bf16")
+    if recipe == "mxfp8" and capability[0] != MXFP8_CAPABILITY_MAJOR:
+        raise ValueError(f"model.fp8_recipe=mxfp8 runs only on compute capability "
+                         f"{MXFP8_CAPABILITY_MAJOR}.x (Blackwell); the GPU is {have}: "
+                         "use model.fp8_recipe: blockwise (or tensorwise, delayed)")
+
+
+def _check_fp8_alignment(hf, recipe: str, tp: int) -> None:
+    align = 32 if recipe == "mxfp8" else 16
+    heads = hf.num_attention_heads
+    groups = getattr(hf, "num_key_value_heads", None) or heads
+    d = head_dim(hf)
+    dims = {"hidden_size": hf.hidden_size,
+            "QKV width (heads + 2 x query groups) x head_dim / TP": (heads + 2 * groups) * d / tp,
+            "attention width heads x head_dim / TP": heads * d / tp,
+            "intermediate_size / TP": hf.intermediate_size / tp}
+    bad = [f"{name} = {value:g}" for name, value in dims.items()
+           if value != int(value) or int(value) % align]
+    if bad:
+        raise ValueError(f"model.fp8: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not a "
+                         f"multiple of {align}, which TransformerEngine's {recipe} GEMMs need; "
+                         "choose a parallel.tensor_parallel that keeps them aligned, or set "
+                         "model.fp8: null")
 
 
 def build_transformer_config(hf, model_cfg: ModelConfig, *, tp: int = 1, pp: int = 1, cp: int = 1,

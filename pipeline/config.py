@@ -131,8 +131,13 @@ def algorithm_of(cfg: JobConfig):
         raise ConfigError(f"algorithm: {e}") from None
 
 
-def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
-    """Check everything that can be checked before launch; returns derived sizes (dp, ...)."""
+def validate(cfg: JobConfig, world_size: int, *, runtime: bool = True,
+             capability: tuple[int, int] | None = None) -> dict[str, int]:
+    """Check everything that can be checked before launch; returns derived sizes (dp, ...).
+
+    ``runtime=False`` skips only the checks about this machine (TransformerEngine importable,
+    its CUDA capability), so ``groupwise plan`` validates an FP8 config from a CPU machine;
+    ``capability`` is then the target GPU's compute capability (None: not checked)."""
     from megatron_ext.model import load_hf_config, validate_model_layout
 
     par = cfg.parallel
@@ -152,7 +157,8 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         hf = load_hf_config(cfg.model.hf_config)
         validate_model_layout(hf, cfg.model, tp=par.tensor_parallel, pp=par.pipeline_parallel,
                               cp=par.context_parallel, vpp=par.virtual_pipeline,
-                              sequence_parallel=par.sequence_parallel)
+                              sequence_parallel=par.sequence_parallel,
+                              use_te=None if runtime else True, capability=capability)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     algo = algorithm_of(cfg)

@@ -4,8 +4,9 @@
                    [--compute-capability 9.0] [dotted.key=value ...]
 
 Runs :func:`pipeline.config.validate` at the trainer's world size (``nodes x gpus_per_node``
-ranks; in the disaggregated layout count the training nodes only), the FP8 checks of the
-target GPU, and a per-GPU memory estimate for the worst pipeline stage, term by term:
+ranks; in the disaggregated layout count the training nodes only) for the target cluster
+(``runtime=False``: FP8 is checked against ``--compute-capability``, not this machine), and a
+per-GPU memory estimate for the worst pipeline stage, term by term:
 
     resident   parameters, gradients (fp32 DDP buffer), optimizer state (fp32 master + Adam
                moments, sharded over DP with the distributed optimizer), FP8 weight copies
@@ -44,10 +45,6 @@ RUNTIME_FIXED_GIB = 2.0  # CUDA context + cuBLAS workspace + NCCL buffers of one
 RUNTIME_SLACK = 0.05  # allocator fragmentation, as a share of the training-phase transients
 SGLANG_RUNTIME_GIB = 2.0  # a colocated SGLang rank: its context, CUDA graphs, NCCL
 LOGPROB_SCRATCH_BYTES = 256 << 20  # megatron_ext.logprobs' GPU chunk scratch, per buffer
-# TE FP8 GEMMs need every dimension a multiple of 16; MXFP8 scales blocks of 32 elements.
-FP8_ALIGN = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
-FP8_MIN_CAPABILITY = {"delayed": (9, 0), "tensorwise": (9, 0), "blockwise": (9, 0),
-                      "mxfp8": (10, 0)}
 
 
 @dataclass(frozen=True)
@@ -176,7 +173,7 @@ def estimate(cfg: JobConfig, hw: Hardware) -> Plan:
     """The memory plan of ``cfg`` on ``hw`` (raises ConfigError when ``validate`` does)."""
     from megatron_ext.model import load_hf_config
 
-    derived = validate_layout(cfg, hw.world)
+    derived = validate(cfg, hw.world, runtime=False, capability=hw.capability)
     hf = load_hf_config(cfg.model.hf_config)
     s = Shape.from_hf(hf)
     par, m, opt, r, tr = cfg.parallel, cfg.model, cfg.optimizer, cfg.rollout, cfg.trainer
@@ -184,7 +181,7 @@ def estimate(cfg: JobConfig, hw: Hardware) -> Plan:
     dp = derived["dp"]
     vocab_p = padded_vocab_size(s.vocab, tp, m.make_vocab_size_divisible_by)
     algo = algorithm_of(cfg)
-    problems, warnings = fp8_problems(s, m, tp, hw.capability), []
+    problems, warnings = [], []
     bf16 = m.params_dtype == "bf16"
     pbytes = 2 if bf16 else 4
 
@@ -257,17 +254,6 @@ def estimate(cfg: JobConfig, hw: Hardware) -> Plan:
                         "no memory here (use full)")
     return Plan(hw=hw, summary=summary, terms=terms, stage=stage, stages=pp, problems=problems,
                 warnings=warnings + _precision_warnings(cfg, algo))
-
-
-def validate_layout(cfg: JobConfig, world: int) -> dict:
-    """:func:`pipeline.config.validate` for the target cluster, from any machine: FP8 is
-    checked against the target GPU by :func:`fp8_problems`, not against this machine's
-    TransformerEngine (which ``validate`` requires, so FP8 configs validate only where they run)."""
-    if cfg.model.fp8 is None:
-        return validate(cfg, world)
-    bare = copy.deepcopy(cfg)
-    bare.model.fp8 = None
-    return validate(bare, world)
 
 
 def _resident_terms(params, linear, pbytes, bf16, dp, distributed, fp8) -> list[Term]:
@@ -396,33 +382,6 @@ def _rollout_terms(cfg: JobConfig, hw: Hardware, s: Shape, algo: str, problems: 
              f"{running} of {per_replica} requests x {ctx} tokens{', fp8' if kv_bytes == 1 else ''}"),
         Term("sglang runtime", copies * SGLANG_RUNTIME_GIB, "runtime:rollout", "context, CUDA graphs"),
     ]
-
-
-def fp8_problems(s: Shape, model_cfg, tp: int, capability: tuple[int, int]) -> list[str]:
-    """What stops ``model.fp8`` on the target GPU: the recipe's compute capability and the
-    GEMM dimensions TransformerEngine needs aligned (per TP shard)."""
-    if model_cfg.fp8 is None:
-        return []
-    recipe = model_cfg.fp8_recipe
-    if recipe not in FP8_ALIGN:
-        return [f"model.fp8_recipe={recipe!r}: expected one of {', '.join(FP8_ALIGN)}"]
-    out = []
-    need = FP8_MIN_CAPABILITY[recipe]
-    if tuple(capability) < need:
-        out.append(f"model.fp8_recipe={recipe} needs compute capability {need[0]}.{need[1]}+ "
-                   f"({'Blackwell' if need >= (10, 0) else 'Hopper'}); the target GPU is "
-                   f"{capability[0]}.{capability[1]}")
-    if recipe == "mxfp8" and tuple(capability) >= (12, 0):
-        out.append("model.fp8_recipe=mxfp8 is not supported on compute capability 12.x; use blockwise")
-    align = FP8_ALIGN[recipe]
-    dims = {"hidden_size": s.hidden, "intermediate_size / TP": s.ffn / tp,
-            "attention width (heads x head_dim) / TP": s.q_width / tp,
-            "QKV width / TP": (s.q_width + 2 * s.kv_width) / tp}
-    for name, value in dims.items():
-        if value != int(value) or int(value) % align:
-            out.append(f"model.fp8: {name} = {value:g} is not a multiple of {align}, which "
-                       f"TransformerEngine's {recipe} GEMMs need; use bf16 or another TP")
-    return out
 
 
 def _precision_warnings(cfg: JobConfig, algo) -> list[str]:

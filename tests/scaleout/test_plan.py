@@ -9,7 +9,7 @@ import torch
 
 from megatron_ext.multirank import run_ranks
 from pipeline.config import load_job_config
-from pipeline.plan import Hardware, Shape, estimate, fp8_problems, main, param_count
+from pipeline.plan import Hardware, estimate, main, param_count
 
 from .memory_job import measure_job
 
@@ -141,24 +141,6 @@ def test_batch_not_divisible_by_data_parallel_is_a_config_error(capsys):
     rc = main(["--config", QWEN7B, "--nodes", "1", "rollout.prompts_per_step=250"])
     assert rc == 2
     assert "rollout.prompts_per_step=250 is not divisible by the data-parallel size 4" in capsys.readouterr().err
-
-
-def test_fp8_recipe_needs_the_target_architecture():
-    hf = _hf(SMALL["qwen2"])
-    cfg = load_job_config(QWEN7B, ["model.fp8=hybrid", "model.fp8_recipe=mxfp8"])
-    s = Shape.from_hf(hf)
-    hopper = fp8_problems(s, cfg.model, 1, (9, 0))
-    assert any("needs compute capability 10.0+" in p for p in hopper)
-    aligned = Shape.from_hf(_hf({**SMALL["qwen2"], "intermediate_size": 192}))
-    assert fp8_problems(aligned, cfg.model, 1, (10, 0)) == []
-
-
-def test_fp8_dimensions_must_align_per_tensor_parallel_shard():
-    s = Shape.from_hf(_hf({**SMALL["qwen2"], "intermediate_size": 200}))
-    cfg = load_job_config(QWEN7B, ["model.fp8=hybrid", "model.fp8_recipe=blockwise"])
-    problems = fp8_problems(s, cfg.model, 2, (9, 0))
-    assert problems == ["model.fp8: intermediate_size / TP = 100 is not a multiple of 16, which "
-                        "TransformerEngine's blockwise GEMMs need; use bf16 or another TP"]
 
 
 def test_fp8_rollout_without_tis_warns():
