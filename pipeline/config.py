@@ -3,6 +3,7 @@ before any process group starts (:func:`validate`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,8 @@ from megatron_ext.train import OptimizerConfig
 from pipeline.config_io import ConfigError, dump, load
 from pipeline.data.config import DataConfig
 from pipeline.rewards import RewardConfig
+
+log = logging.getLogger("groupwise")
 
 
 @dataclass
@@ -116,8 +119,53 @@ def _resolve(base: str, p: str) -> str:
     return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
 
 
+def sglang_arg(cfg: JobConfig, name: str) -> str | None:
+    """The value of SGLang server option ``--name`` in ``rollout.sglang.extra_args`` (the
+    options passed through to ``sglang.launch_server``), or None."""
+    args = [str(a) for a in cfg.rollout.sglang.get("extra_args") or []]
+    flag = "--" + name.replace("_", "-")
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def rollout_fp8(cfg: JobConfig) -> bool:
+    """The SGLang servers hold FP8 weights (``--quantization fp8``, ``w8a8_fp8``, ...); the
+    embedded engine never quantizes."""
+    return cfg.rollout.engine != "embedded" and "fp8" in (sglang_arg(cfg, "quantization") or "")
+
+
+def precision_mismatch(cfg: JobConfig) -> str | None:
+    """Why the rollout engine and the trainer compute in different precisions (FP8 on one
+    side only), or None when they agree."""
+    train_fp8, roll_fp8 = cfg.model.fp8 is not None, rollout_fp8(cfg)
+    if train_fp8 == roll_fp8:
+        return None
+    if roll_fp8:
+        return (f"the rollout servers run fp8 (--quantization {sglang_arg(cfg, 'quantization')} in "
+                f"rollout.sglang.extra_args) and the trainer {cfg.model.params_dtype} (model.fp8: null)")
+    return (f"the trainer runs fp8 (model.fp8={cfg.model.fp8}) and the rollout engine does not "
+            f"(no fp8 --quantization in rollout.sglang.extra_args)")
+
+
+_announced: set[str] = set()
+
+
+def _announce_once(message: str) -> None:
+    if message not in _announced:
+        _announced.add(message)
+        log.warning(message)
+
+
 def algorithm_of(cfg: JobConfig):
-    """The configured :class:`pipeline.algorithms.Algorithm` (errors name ``algorithm.*``)."""
+    """The configured :class:`pipeline.algorithms.Algorithm` (errors name ``algorithm.*``).
+
+    When rollout and training precisions differ (:func:`precision_mismatch`) and the config
+    does not set ``algorithm.tis``, TIS is turned on (``truncate`` at the preset's ``tis_cap``)
+    to correct the engine/trainer mismatch; ``algorithm.tis: null`` keeps it off."""
     from pipeline.algorithms import get_preset
 
     params = dict(cfg.algorithm)
@@ -126,7 +174,13 @@ def algorithm_of(cfg: JobConfig):
         raise ConfigError("algorithm.name is required (grpo, dr_grpo, rloo, dapo, gspo, pods, "
                           "copo, aapo, jepo, spro)")
     try:
-        return get_preset(name, **params)
+        algo = get_preset(name, **params)
+        reason = precision_mismatch(cfg)
+        if reason is not None and "tis" not in params and algo.config.tis is None:
+            algo = get_preset(name, **params, tis="truncate")
+            _announce_once(f"algorithm.tis=truncate (tis_cap {algo.config.tis_cap:g}) turned on: "
+                           f"{reason}; set algorithm.tis: null to keep it off")
+        return algo
     except (TypeError, ValueError) as e:
         raise ConfigError(f"algorithm: {e}") from None
 

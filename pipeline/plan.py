@@ -37,7 +37,8 @@ import sys
 from dataclasses import dataclass, field
 
 from megatron_ext.model import head_dim, padded_vocab_size
-from pipeline.config import JobConfig, algorithm_of, load_job_config, validate
+from pipeline.config import (JobConfig, algorithm_of, load_job_config, precision_mismatch,
+                             rollout_fp8, sglang_arg, validate)
 from pipeline.config_io import ConfigError, apply_overrides, from_dict, to_dict
 
 GIB = float(1 << 30)
@@ -322,26 +323,12 @@ def _act_note(m, par, n_mb, stage, pp, vpp) -> str:
     return f"{sched}, {rec}{', SP' if par.sequence_parallel else ''}"
 
 
-def sglang_arg(cfg: JobConfig, name: str) -> str | None:
-    """The value of SGLang server option ``--name`` in ``rollout.sglang.extra_args`` (the
-    options passed through to ``sglang.launch_server``), or None."""
-    args = [str(a) for a in cfg.rollout.sglang.get("extra_args") or []]
-    flag = "--" + name.replace("_", "-")
-    for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
 def _sglang_settings(cfg: JobConfig, hw: Hardware) -> dict:
     """SGLang's tensor parallelism (``rollout.sglang.tp_size``, default: a node) and the
     options that size its memory."""
     tp = int(cfg.rollout.sglang.get("tp_size") or hw.gpus_per_node)
     running = sglang_arg(cfg, "max_running_requests")
-    return dict(tp=tp, quant=sglang_arg(cfg, "quantization") or "",
-                kv_dtype=sglang_arg(cfg, "kv_cache_dtype") or "auto",
+    return dict(tp=tp, kv_dtype=sglang_arg(cfg, "kv_cache_dtype") or "auto",
                 max_running=int(running) if running else None)
 
 
@@ -369,7 +356,7 @@ def _rollout_terms(cfg: JobConfig, hw: Hardware, s: Shape, algo: str, problems: 
     replicas = hw.world // tp
     per_replica = math.ceil(rows / replicas)
     running = min(per_replica, int(sg["max_running"])) if sg["max_running"] else per_replica
-    fp8_weights = sg["quant"].startswith("fp8")
+    fp8_weights = rollout_fp8(cfg)
     embed = s.vocab * s.hidden * (1 if s.tied else 2)
     weights = (embed * 2 + (count - embed) * (1 if fp8_weights else 2)) / tp
     kv_bytes = 1 if sg["kv_dtype"].startswith("fp8") else 2
@@ -385,14 +372,13 @@ def _rollout_terms(cfg: JobConfig, hw: Hardware, s: Shape, algo: str, problems: 
 
 
 def _precision_warnings(cfg: JobConfig, algo) -> list[str]:
-    rollout_fp8 = (sglang_arg(cfg, "quantization") or "").startswith("fp8")
-    if cfg.rollout.engine == "embedded" or rollout_fp8 == (cfg.model.fp8 is not None):
+    """TIS is on by default when the precisions differ (:func:`pipeline.config.algorithm_of`);
+    warn only when the config turned it off."""
+    reason = precision_mismatch(cfg)
+    if reason is None or algo.config.tis is not None:
         return []
-    if algo.config.tis is None:
-        return [f"rollout precision ({'fp8' if rollout_fp8 else 'bf16'}) differs from training "
-                f"({'fp8' if cfg.model.fp8 else cfg.model.params_dtype}) and algorithm.tis is unset: "
-                "set algorithm.tis=truncate to correct the engine/trainer mismatch"]
-    return []
+    return [f"{reason}, and algorithm.tis: null turns off the correction of that engine/trainer "
+            "mismatch; remove it (TIS truncate is the default then)"]
 
 
 # ------------------------------------------------------------------------------- remedies

@@ -143,6 +143,9 @@ def test_batch_not_divisible_by_data_parallel_is_a_config_error(capsys):
     assert "rollout.prompts_per_step=250 is not divisible by the data-parallel size 4" in capsys.readouterr().err
 
 
-def test_fp8_rollout_without_tis_warns():
-    plan = estimate(load_job_config(QWEN7B, ["rollout.sglang.extra_args=[--quantization, fp8]"]), Hardware(nodes=1))
-    assert any("algorithm.tis=truncate" in w for w in plan.warnings)
+def test_fp8_rollout_with_tis_turned_off_warns():
+    """bf16 training, fp8 SGLang rollout: TIS is on by default; turning it off is a warning."""
+    fp8_rollout = "rollout.sglang.extra_args=[--quantization, fp8]"
+    assert estimate(load_job_config(QWEN7B, [fp8_rollout]), Hardware(nodes=1)).warnings == []
+    plan = estimate(load_job_config(QWEN7B, [fp8_rollout, "algorithm.tis=null"]), Hardware(nodes=1))
+    assert any("algorithm.tis: null turns off the correction" in w for w in plan.warnings)
