@@ -22,7 +22,12 @@ log = logging.getLogger("groupwise")
 class RolloutConfig:
     """How completions are produced. ``engine``: ``embedded`` (transformers, in process: the
     CPU default), ``sglang`` (launch SGLang servers + router), or ``http`` (already running
-    SGLang-protocol workers or a router at ``urls``, e.g. ``groupwise serve``)."""
+    SGLang-protocol workers at ``urls``, e.g. ``groupwise serve``, optionally behind an
+    sglang-router at ``router_url``).
+
+    With ``http`` and data-parallel size ``dp`` > 1, ``urls`` is split into ``dp`` equal
+    contiguous shares and each DP leader pushes weights to its own share only, so every server
+    is updated exactly once per sync (see :mod:`pipeline.engines`)."""
 
     engine: str = "embedded"
     prompts_per_step: int = 16
@@ -35,9 +40,16 @@ class RolloutConfig:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int = 0
     batch_size: int = 64  # embedded engine: rows decoded together
-    urls: list[str] = field(default_factory=list)  # engine=http: worker addresses
+    urls: list[str] = field(default_factory=list)  # engine=http: worker addresses (not a router)
+    # engine=http, algorithm aapo: servers of the frozen reference policy (never updated)
+    ref_urls: list[str] = field(default_factory=list)
     router_url: str | None = None  # engine=http: an sglang-router in front of the workers
-    sglang: dict[str, Any] = field(default_factory=dict)  # engine=sglang: passthrough server args
+    # engine=sglang (and engine=http's Slurm-launched servers): ServerConfig fields, passed through
+    sglang: dict[str, Any] = field(default_factory=dict)
+    # engine=sglang/http: inference.weight_sync.WeightSyncConfig fields, e.g. {transport: disk,
+    # disk_dir: /shared/x}; transport tensor (default) | distributed | disk. The embedded engine
+    # loads weights in process and rejects this section.
+    weight_sync: dict[str, Any] = field(default_factory=dict)
     max_resample_rounds: int = 3  # DAPO dynamic sampling: extra generation rounds per step
     weight_bucket_mb: int = 64  # weight-sync bucket size
     # Generate step t+1 while step t trains (one-step off-policy; set algorithm.tis). A resumed
@@ -220,7 +232,9 @@ def validate(cfg: JobConfig, world_size: int, *, runtime: bool = True,
     if r.engine not in ("embedded", "sglang", "http"):
         raise ConfigError(f"rollout.engine={r.engine!r}: expected embedded, sglang or http")
     if r.engine == "http" and not r.urls:
-        raise ConfigError("rollout.engine=http needs rollout.urls (worker or router addresses)")
+        raise ConfigError("rollout.engine=http needs rollout.urls (the workers' addresses; a "
+                          "router in front of them goes in rollout.router_url)")
+    _validate_engine_options(cfg, algo.name, dp)
     if r.n_samples < 1 or r.prompts_per_step < 1:
         raise ConfigError("rollout.n_samples and rollout.prompts_per_step must be >= 1")
     if r.prompts_per_step % dp:
@@ -245,6 +259,41 @@ def validate(cfg: JobConfig, world_size: int, *, runtime: bool = True,
     except ValueError as e:
         raise ConfigError(f"data: {e}") from None
     return {"dp": dp, "prompts_per_rank": per_rank}
+
+
+def _validate_engine_options(cfg: JobConfig, algo_name: str, dp: int) -> None:
+    """The passthrough sections and the server lists of the rollout engines."""
+    from pipeline.engines import server_config, weight_sync_config
+
+    r = cfg.rollout
+    if r.sglang or r.engine == "sglang":
+        server_config(cfg, model_path="")
+    if r.engine == "embedded":
+        if r.weight_sync:
+            raise ConfigError("rollout.weight_sync selects how weights reach SGLang servers "
+                              "(rollout.engine=sglang or http); the embedded engine loads them in "
+                              "process: remove rollout.weight_sync")
+    else:
+        weight_sync_config(cfg)
+    if r.ref_urls and (r.engine != "http" or algo_name != "aapo"):
+        raise ConfigError("rollout.ref_urls names the reference servers of algorithm aapo with "
+                          f"rollout.engine=http (here: {algo_name}, engine={r.engine}); remove it")
+    if r.engine != "http":
+        return
+    if algo_name == "aapo" and not r.ref_urls:
+        raise ConfigError("algorithm aapo with rollout.engine=http needs rollout.ref_urls: the "
+                          "frozen reference policy must run on its own servers (those at "
+                          "rollout.urls receive the policy's weight updates)")
+    shared = sorted(set(r.urls) & set(r.ref_urls))
+    if shared:
+        raise ConfigError(f"rollout.ref_urls and rollout.urls share {', '.join(shared)}: the "
+                          "reference servers must never receive the policy's weights")
+    for name, urls in (("urls", r.urls), ("ref_urls", r.ref_urls)):
+        if urls and len(urls) % dp:
+            raise ConfigError(f"rollout.{name} has {len(urls)} server(s), not a multiple of the "
+                              f"data-parallel size {dp}: each DP leader drives an equal share of "
+                              f"them and is the only one to push weights there; give a multiple "
+                              f"of {dp} servers")
 
 
 def print_config(cfg: JobConfig) -> str:

@@ -94,11 +94,12 @@ class Trainer:
             from pipeline.engines import build_engine
             from pipeline.rewards import RewardScorer
 
-            self.engine = build_engine(cfg, self.hf_path)
+            share = dict(dp_rank=self.topo.dp_rank, dp=self.topo.dp)
+            self.engine = build_engine(cfg, self.hf_path, **share)
             if self.algo.name == "aapo":
                 # AAPO's reference rollouts come from the frozen initial policy: a second
                 # engine that never receives weight updates.
-                self.ref_engine = build_engine(cfg, self.hf_path)
+                self.ref_engine = build_engine(cfg, self.hf_path, **share, reference=True)
             self.scorer = RewardScorer(cfg.reward)
         needs_ref = getattr(self.algo.config, "kl_coef", 0) > 0 or self.algo.name == "spro"
         self.ref_weights = ReferenceWeights(self.model) if needs_ref else None
@@ -386,6 +387,11 @@ class Trainer:
         else:
             for _ in buckets:  # the export is collective: non-leaders take part
                 pass
+        r = self.cfg.rollout
+        if r.engine == "http" and r.router_url and self.topo.dp > 1:
+            # Each DP leader updated only its share of the servers, but the router sends any
+            # leader's requests to any server: nobody generates until every share is updated.
+            dist.barrier(group=self.topo.dp_group)
 
     def export_hf(self, out_dir: str):
         """Write the policy as a Hugging Face checkpoint (config and tokenizer files copied)."""

@@ -23,7 +23,6 @@ uses), from ``rollout.sglang`` as ``rollout.engine=sglang`` reads it (ServerConf
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shlex
@@ -99,13 +98,14 @@ def server_command(cfg, kind: str, layout: str, model_path: str, port: int, inde
     ``rollout.engine=sglang``; its ``extra_args`` are the server's own options, kept only when
     the server kind is the config's (SGLang options mean nothing to the stand-in)."""
     from inference.launcher import ServerConfig, sglang_server_command, stand_in_command
+    from pipeline.config_io import ConfigError
+    from pipeline.engines import check_fields
 
-    known = {f.name for f in dataclasses.fields(ServerConfig)}
-    opts = {k: v for k, v in cfg.rollout.sglang.items() if k in known}
-    unknown = sorted(set(cfg.rollout.sglang) - known)
-    if unknown:
-        raise SystemExit(f"server: rollout.sglang.{unknown[0]} is not a server option; known: "
-                         f"{', '.join(sorted(known - {'model_path'}))}")
+    try:
+        check_fields(cfg.rollout.sglang, ServerConfig, "rollout.sglang", exclude=("model_path",))
+    except ConfigError as e:
+        raise SystemExit(f"server: {e}") from None
+    opts = dict(cfg.rollout.sglang)
     own = list(opts.pop("extra_args", ())) if opts.get("kind", "sglang") == kind else []
     for key in ("model_path", "kind", "layout", "host", "base_port", "num_servers", "router_args",
                 "use_router", "router_port", "log_dir", "python", "extra_args"):
