@@ -214,9 +214,6 @@ def validate(cfg: JobConfig, world_size: int, *, runtime: bool = True,
         dp = par.data_parallel(world_size)
     except ValueError as e:
         raise ConfigError(f"parallel: {e}") from None
-    if par.context_parallel > 1:
-        raise ConfigError("parallel.context_parallel > 1 is not supported by the RL step yet "
-                          "(the loss path supports TP, PP and DP); set parallel.context_parallel=1")
     if cfg.model.hf_config is None:
         raise ConfigError("model.hf_config is required: a Hugging Face model directory")
     try:

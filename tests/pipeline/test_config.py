@@ -112,3 +112,11 @@ def test_cli_passes_options_through_to_plan_and_convert(capsys):
     assert "fits" in capsys.readouterr().out
     assert main(["convert", "megatron-to-hf", "--ckpt", "/nonexistent", "--out", "/tmp/x"]) == 2
     assert "/nonexistent" in capsys.readouterr().err
+
+
+def test_context_parallel_layouts_validate():
+    # CP ranks share one replica's rows: DP = world / (TP x CP x PP).
+    assert validate(load_job_config(TINY, ["parallel.context_parallel=2"]), 2)["dp"] == 1
+    assert validate(load_job_config(TINY, ["parallel.context_parallel=2"]), 4)["dp"] == 2
+    with pytest.raises(ConfigError, match="world size 3 is not divisible by tensor x pipeline x context"):
+        validate(load_job_config(TINY, ["parallel.context_parallel=2"]), 3)
