@@ -37,7 +37,7 @@ def rows(gpu_mem: float):
         yield {
             "config": os.path.relpath(path, os.path.join(ROOT, "examples")),
             "nodes": nodes,
-            "TP/PP/DP": f"{par.tensor_parallel}/{par.pipeline_parallel}/{dp}",
+            "TP/CP/PP/DP": f"{par.tensor_parallel}/{par.context_parallel}/{par.pipeline_parallel}/{dp}",
             "mb tokens": cfg.trainer.micro_batch_tokens,
             "resident": t("parameters") + t("gradients") + t("optimizer state") + t("fp8 weight copies"),
             "activations": t("activations"),

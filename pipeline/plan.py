@@ -221,10 +221,11 @@ def estimate(cfg: JobConfig, hw: Hardware) -> Plan:
         if last:
             cols = vocab_p / tp
             chunk = tr.logprob_chunk_tokens or max(1, LOGPROB_SCRATCH_BYTES // int(4 * cols))
-            scratch = 2 * min(chunk, mb_tokens) * cols * 4  # two fp32 [chunk, V/TP] buffers
-            logits = mb_tokens * cols * pbytes * 2 + scratch
+            local = mb_tokens / cp  # each CP rank holds its share of every sequence
+            scratch = 2 * min(chunk, local) * cols * 4  # two fp32 [chunk, V/TP] buffers
+            logits = local * cols * pbytes * 2 + scratch
             terms.append(Term("logits + log-prob scratch", logits / GIB, "training",
-                              f"[{mb_tokens}, {vocab_p}/{tp}] logits and grad, fp32 chunks"))
+                              f"[{mb_tokens}/{cp}, {vocab_p}/{tp}] logits and grad, fp32 chunks"))
         terms += _rollout_terms(cfg, hw, s, algo.name, problems)
         slack = RUNTIME_SLACK * (act + logits) / GIB
         terms.append(Term("runtime (CUDA, NCCL, allocator)", RUNTIME_FIXED_GIB + slack, "runtime"))
