@@ -16,6 +16,7 @@ causal load balancing), see :func:`split_for_context_parallel`. ``cu_seqlens`` s
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -225,23 +226,23 @@ def balance_by_swaps(tokens: list[list[int]], max_swaps: int | None = None) -> l
 
     ``tokens[r][i]``: tokens of rank r's i-th group. Returns, per rank and slot, the
     ``(rank, index)`` of the group it holds afterwards. Each swap exchanges one group of the
-    heaviest rank with a lighter one of the lightest rank, choosing the pair that best halves
-    their gap, so most groups stay where they were generated and few need to travel. Every
+    heaviest rank with a lighter group of the lightest rank that has one (the pair that best
+    halves their gap), so most groups stay where they were generated and few travel. Every
     swap strictly lowers the sum of squared loads, so it ends; deterministic on every rank.
     """
     held = [[(r, i) for i in range(len(ts))] for r, ts in enumerate(tokens)]
-    load = [[t for t in ts] for ts in tokens]
+    load = [list(ts) for ts in tokens]
     totals = [sum(ts) for ts in load]
     limit = sum(len(ts) for ts in tokens) if max_swaps is None else max_swaps
     for _ in range(limit):
         hi = max(range(len(totals)), key=lambda r: (totals[r], -r))
-        lo = min(range(len(totals)), key=lambda r: (totals[r], r))
-        gap = totals[hi] - totals[lo]
         best = None
-        for i, a in enumerate(load[hi]):
-            for j, b in enumerate(load[lo]):
-                if 0 < a - b < gap and (best is None or abs(gap - 2 * (a - b)) < best[0]):
-                    best = (abs(gap - 2 * (a - b)), i, j)
+        for lo in sorted(range(len(totals)), key=lambda r: (totals[r], r)):
+            if totals[lo] >= totals[hi]:
+                break
+            best = _best_swap(load[hi], load[lo], totals[hi] - totals[lo])
+            if best is not None:
+                break
         if best is None:
             break
         _, i, j = best
@@ -251,3 +252,24 @@ def balance_by_swaps(tokens: list[list[int]], max_swaps: int | None = None) -> l
         totals[hi] -= d
         totals[lo] += d
     return held
+
+
+def _best_swap(heavy: list[int], light: list[int], gap: int) -> tuple | None:
+    """(|gap - 2d|, i, j) of the swap heavy[i] <-> light[j] with 0 < d = heavy[i] - light[j]
+    < gap closest to halving the gap (ties: smallest i, then j), or None. O(n log n): for each
+    heavy group only the light groups nearest ``heavy[i] - gap / 2`` can be best."""
+    order = sorted(range(len(light)), key=lambda j: (light[j], j))
+    values = [light[j] for j in order]
+    best = None
+    for i, a in enumerate(heavy):
+        p = bisect.bisect_left(values, a - gap / 2)
+        for q in (p - 1, p):
+            if not 0 <= q < len(values):
+                continue
+            q = bisect.bisect_left(values, values[q])  # first of equal values: smallest j
+            d = a - values[q]
+            if 0 < d < gap:
+                cand = (abs(gap - 2 * d), i, order[q])
+                if best is None or cand < best:
+                    best = cand
+    return best

@@ -12,6 +12,15 @@ def test_swaps_even_out_loads_with_few_moves():
     assert held == [[(1, 1), (0, 1)], [(1, 0), (0, 0)]]
 
 
+def test_a_lighter_rank_is_tried_when_the_lightest_cannot_swap():
+    # Heaviest A = 10 + 10 = 20. Lightest B = 10 + 0: swapping 10<->0 moves the whole gap (10)
+    # and 10<->10 moves nothing, so no swap with B helps. C = 6 + 7 = 13 (gap 7): 10<->6 and
+    # 10<->7 leave a gap of 1 either way; the smaller indices win: A = 6 + 10, C = 10 + 7.
+    # Then the heaviest, C (17), has no helpful swap with B (10) or A (16): done, max 20 -> 17.
+    held = balance_by_swaps([[10, 10], [10, 0], [6, 7]])
+    assert held == [[(2, 0), (0, 1)], [(1, 0), (1, 1)], [(0, 0), (2, 1)]]
+
+
 def test_balanced_input_is_left_alone():
     assert balance_by_swaps([[5, 7], [6, 6]]) == [[(0, 0), (0, 1)], [(1, 0), (1, 1)]]
 
