@@ -99,10 +99,19 @@ def microbatches(rows: list[Row], token_budget: int, config) -> list[PackedMicro
                                            fp8_multiple=fp8)
     packs = pack_all(rows, token_budget, pad_to_multiple=multiple, seq_multiple=seq_multiple,
                      same_length=config.pipeline_model_parallel_size > 1)
-    if cp == 1:
-        return packs
-    rank = ps.get_context_parallel_rank()
-    return [split_for_context_parallel(mb, cp, rank) for mb in packs]
+    if cp > 1:
+        rank = ps.get_context_parallel_rank()
+        packs = [split_for_context_parallel(mb, cp, rank) for mb in packs]
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        packs = [mb.to(device) for mb in packs]
+    return packs
+
+
+def _p2p_seq_length(mbs: list[PackedMicroBatch], config) -> int:
+    """The sequence length megatron-core's schedule sizes pipeline p2p buffers from: the whole
+    pack's, since the schedule itself divides by CP (and by TP under sequence parallelism)."""
+    return max(mb.num_tokens for mb in mbs) * config.context_parallel_size
 
 
 def policy_update(model, optimizer, rows: list[Row], loss_fn: LossFn, *, token_budget: int,
@@ -127,8 +136,8 @@ def policy_update(model, optimizer, rows: list[Row], loss_fn: LossFn, *, token_b
 
         return out, loss_func
 
-    seq = max(mb.num_tokens for mb in mbs)
-    res = train_step(model, optimizer, forward_step, mbs, seq_length=seq, scheduler=scheduler)
+    res = train_step(model, optimizer, forward_step, mbs, seq_length=_p2p_seq_length(mbs, config),
+                     scheduler=scheduler)
     summed: dict[str, torch.Tensor] = {}
     for d in res.losses:
         for k, v in d.items():
@@ -160,7 +169,7 @@ def compute_logprobs(model, rows: list[Row], *, token_budget: int, temperature: 
     for chunk in model:
         chunk.eval()
     try:
-        reported = forward_only(model, forward_step, mbs, seq_length=max(mb.num_tokens for mb in mbs))
+        reported = forward_only(model, forward_step, mbs, seq_length=_p2p_seq_length(mbs, config))
     finally:
         for chunk in model:
             chunk.train()
@@ -169,8 +178,10 @@ def compute_logprobs(model, rows: list[Row], *, token_budget: int, temperature: 
     for d in reported:
         for k, r in enumerate(d["row_ids"]):
             n = int(d["mask"][k].sum())
-            per_row[r] = d["logprobs"][k, :n].float().clone()
-            ents[r] = d["entropy"][k, :n].float().clone()
+            # Host copies: the trainer's step bookkeeping (advantages, ratios' old values)
+            # lives on the CPU until a micro-batch's rows meet the logits.
+            per_row[r] = d["logprobs"][k, :n].float().to("cpu", copy=True)
+            ents[r] = d["entropy"][k, :n].float().to("cpu", copy=True)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         obj = [(per_row, ents)]
         src = dist.get_global_rank(ps.get_pipeline_model_parallel_group(),

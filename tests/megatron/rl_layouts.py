@@ -100,7 +100,8 @@ def rl_layouts_job(rank, world_size):
 
 def rl_tp_cp_job(rank, world_size):
     """4 ranks: DP=4 (the reference) vs TP=2 with sequence parallelism x CP=2, where each
-    sequence is padded to 2 * CP * TP and every TP rank holds a slice of each CP chunk."""
+    sequence is padded to 2 * CP * TP and every TP rank holds a slice of each CP chunk, and vs
+    PP=2 x CP=2, where the stages exchange each CP rank's share of the pack."""
     from megatron_ext.train import OptimizerConfig
 
     rows, adv = make_rows()
@@ -110,8 +111,9 @@ def rl_tp_cp_job(rank, world_size):
     ref = gather_full(model, "data")
     for mode in MODES:
         out[f"dp4_{mode}"] = _run(model, o, rows, adv, mode, budget=30)
-    model, o, _ = _setup(tp=2, sp=True, cp=2, opt=opt)
-    load_full(model, ref)
-    for mode in MODES:
-        out[f"tp2spcp2_{mode}"] = _run(model, o, rows, adv, mode, budget=30)
+    for label, kw in (("tp2spcp2", dict(tp=2, sp=True, cp=2)), ("pp2cp2", dict(pp=2, cp=2))):
+        model, o, _ = _setup(opt=opt, **kw)
+        load_full(model, ref)
+        for mode in MODES:
+            out[f"{label}_{mode}"] = _run(model, o, rows, adv, mode, budget=30)
     return out if rank == 0 else None

@@ -46,9 +46,10 @@ def test_context_parallel_logprobs_are_whole_rows(results):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_tp_sp_cp_on_four_ranks_matches_dp4(mode, tp_cp_results):
+@pytest.mark.parametrize("layout", ["tp2spcp2", "pp2cp2"])
+def test_cp_with_tp_or_pp_on_four_ranks_matches_dp4(layout, mode, tp_cp_results):
     ref_loss, ref_grads = tp_cp_results[f"dp4_{mode}"]
-    loss, grads = tp_cp_results[f"tp2spcp2_{mode}"]
+    loss, grads = tp_cp_results[f"{layout}_{mode}"]
     assert abs(loss - ref_loss) < 1e-5
     assert _grad_diff(grads, ref_grads) < 1e-5
 
