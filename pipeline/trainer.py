@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.packing import Row
+from megatron_ext.parallel import collective_device
 from megatron_ext.policy_step import ReferenceWeights, compute_logprobs, policy_update
 from pipeline.config import JobConfig, algorithm_of
 from pipeline.config_io import to_dict
@@ -128,7 +129,7 @@ class Trainer:
         self._stop_requested = True
 
     def _stop_everywhere(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -208,7 +209,7 @@ class Trainer:
         self.rollout_weight_versions = sorted({v for g in groups for v in g.weight_versions})
         # Every rank consumes the loader identically: non-leaders and leaders that drew fewer
         # batches (DAPO refills) skip ahead to the furthest draw of any rank.
-        draws_max = torch.tensor([float(draws)])
+        draws_max = torch.tensor([float(draws)], device=collective_device())
         dist.all_reduce(draws_max, op=dist.ReduceOp.MAX)
         for _ in range(int(draws_max.item()) - (draws if topo.leader else 0)):
             next(self.loader)
@@ -219,7 +220,7 @@ class Trainer:
         t_rollout = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        groups, balance = balance_over_dp(groups, topo.dp_group)
+        groups, balance = balance_over_dp(groups, topo.dp_group, cfg.trainer.updates_per_step)
         rows, step_batch, entropy_sum = self._prepare(groups)
         terms = self.algo.advantages(step_batch, group=topo.dp_group)
         t_prep = time.perf_counter() - t1
@@ -352,7 +353,7 @@ class Trainer:
             mb_rows = [rows[i] for i in idx.tolist()]
 
             def loss_fn(row_ids, lp, ent, mask, t_u=t_u, denom=denom):
-                sel = t_u.rows(torch.tensor(row_ids), width=lp.shape[1])
+                sel = t_u.rows(torch.tensor(row_ids), width=lp.shape[1]).to(lp.device)
                 return self.algo.loss(lp, sel, denom, entropy=ent)
 
             res, m = policy_update(self.model, self.optimizer, mb_rows, loss_fn,

@@ -36,6 +36,18 @@ def test_every_group_kept_once_and_counts_unchanged():
     assert max(loads) < 1080
 
 
+def test_groups_stay_in_their_mini_batch():
+    # updates=2: rank 0's blocks are [60, 40] and [10, 10], rank 1's [10, 10] and [30, 30].
+    # Block 0 (100 vs 20, gap 80): 60<->10 -> 50 vs 70; then no swap narrows 20. Block 1
+    # (20 vs 60, gap 40): 30<->10 -> 40 vs 40. Each group keeps its block.
+    from pipeline.dp_balance import _balance_blocks
+
+    held, before, after = _balance_blocks([[60, 40, 10, 10], [10, 10, 30, 30]], 2)
+    assert held == [[(1, 0), (0, 1), (1, 2), (0, 3)], [(0, 0), (1, 1), (0, 2), (1, 3)]]
+    assert abs(before - (100 / 60 + 60 / 40) / 2) < 1e-12
+    assert abs(after - (70 / 60 + 1.0) / 2) < 1e-12
+
+
 class _G:
     def __init__(self, name, prompt, responses):
         self.name, self.prompt_ids, self.responses = name, prompt, responses
