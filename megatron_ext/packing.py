@@ -69,12 +69,21 @@ class PackedMicroBatch:
                                cu_seqlens_q_padded=self.cu_seqlens, cu_seqlens_kv_padded=self.cu_seqlens,
                                max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
 
+    def to(self, device) -> "PackedMicroBatch":
+        """The index and token tensors on ``device`` (the model's; TransformerEngine reads
+        ``cu_seqlens`` on the GPU)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **moved)
+
     def to_rows(self, per_token: torch.Tensor) -> torch.Tensor:
         """[t] values at (this rank's) pack positions -> [rows, T] left-aligned per row, 0 where
         masked or, under context parallelism, held by another rank."""
         mask = self.score_mask if self.held_mask is None else self.held_mask
         out = per_token[self.score_index.clamp(max=per_token.numel() - 1)]
-        return out * mask.to(out.dtype)
+        # where, not a product: masked slots point at some real position, and a NaN there
+        # (a diverging step) must not leak into every row through 0 * NaN.
+        return torch.where(mask.to(out.device), out, out.new_zeros(()))
 
 
 def plan_microbatches(lengths: list[int], token_budget: int) -> list[list[int]]:

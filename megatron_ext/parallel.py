@@ -154,6 +154,15 @@ def _build_replica_group(parallel: ParallelConfig, rank: int) -> None:
             _REPLICA_GROUP = group
 
 
+def collective_device(group=None) -> torch.device:
+    """Where a tensor must live to take part in a collective over ``group``: the current CUDA
+    device for NCCL, the CPU for gloo. Host-side bookkeeping (counts, flags, metric sums) is
+    built on the CPU and moved here for the collective only."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def replica_group():
     """Process group of this rank's model replica (TP x CP x PP ranks with one DP rank)."""
     if _REPLICA_GROUP is None:

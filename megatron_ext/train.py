@@ -168,7 +168,9 @@ def train_step(model: list, optimizer, forward_step: Callable, microbatches: lis
 
 def grads_finite(model: list) -> bool:
     """All main gradients finite on every rank (one all-reduce over the world)."""
-    bad = torch.zeros((), dtype=torch.float32)
+    from .parallel import collective_device
+
+    bad = torch.zeros((), dtype=torch.float32, device=collective_device())
     for chunk in model:
         for p in chunk.parameters():
             g = getattr(p, "main_grad", None)
@@ -239,6 +241,9 @@ def reduce_reported(losses: list, key: str, group=None) -> float:
     else:
         total = torch.stack([d[key].reshape(()) for d in losses]).sum()
     if group is not None and dist.is_initialized():
+        from .parallel import collective_device
+
+        total = total.to(collective_device(group))
         dist.all_reduce(total, group=group)
     return float(total)
 

@@ -17,8 +17,11 @@ def reduce_sums(values: dict[str, float], group=None) -> dict[str, float]:
     """Sum a dict of floats over ``group`` (all ranks in the same order of keys)."""
     if not dist.is_initialized():
         return dict(values)
+    from megatron_ext.parallel import collective_device
+
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=collective_device(group))
     dist.all_reduce(t, group=group)
     return dict(zip(keys, t.tolist()))
 

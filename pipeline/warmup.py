@@ -27,7 +27,9 @@ def sft_step(model, optimizer, rows: list[Row], *, token_budget: int, dp_group,
     """One optimizer step of answer-token NLL; returns the batch's mean NLL (all DP ranks)."""
     import torch.distributed as dist
 
-    total = torch.tensor(float(sum(r.n_scored for r in rows)))
+    from megatron_ext.parallel import collective_device
+
+    total = torch.tensor(float(sum(r.n_scored for r in rows)), device=collective_device(dp_group))
     if dist.is_initialized():
         dist.all_reduce(total, group=dp_group)
 
@@ -37,7 +39,7 @@ def sft_step(model, optimizer, rows: list[Row], *, token_budget: int, dp_group,
 
     _, metrics = policy_update(model, optimizer, rows, loss_fn, token_budget=token_budget,
                                vocab_size=vocab_size)
-    nll = torch.tensor(float(metrics.get("nll", 0.0)))
+    nll = torch.tensor(float(metrics.get("nll", 0.0)), device=collective_device(dp_group))
     if dist.is_initialized():
         dist.all_reduce(nll, group=dp_group)
     return float(nll)

@@ -97,6 +97,11 @@ class LossTerms:
         mask = self.mask.bool()
         return mask if self.answer_mask is None else mask | self.answer_mask.bool()
 
+    def to(self, device) -> LossTerms:
+        """Every field on ``device`` (the logits' device: the loss mixes both)."""
+        return replace(self, **{f.name: None if getattr(self, f.name) is None
+                                else getattr(self, f.name).to(device) for f in fields(self)})
+
     def rows(self, index, width: int | None = None) -> LossTerms:
         """Rows ``index`` (slice, index tensor or bool mask) of every field, [B,T] fields cut to
         their first ``width`` columns when given: one micro-batch's terms."""

@@ -19,9 +19,11 @@ def all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Te
     out = tensor.detach()
     if group is None:
         return out
-    out = out.clone()
+    from megatron_ext.parallel import collective_device
+
+    out = out.to(collective_device(group), copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out
+    return out.to(tensor.device)
 
 
 def masked_mean_std(values: Tensor, mask: Tensor, *, unbiased: bool,

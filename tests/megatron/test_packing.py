@@ -76,3 +76,28 @@ def test_budget_counts_padded_lengths():
     packs = pack_all(ROWS, 12, seq_multiple=4, pad_to_multiple=4)
     assert sorted(p.row_ids for p in packs) == [[0, 1], [2]]
     assert all(p.num_tokens <= 12 for p in packs)
+
+
+def test_to_moves_every_tensor_field():
+    # "meta" stands in for the GPU: every tensor (cu_seqlens included, which TransformerEngine
+    # reads on the device) must move, the plain fields stay.
+    mb = split_for_context_parallel(pack(ROWS, [0, 1, 2], seq_multiple=4, pad_to_multiple=4), 2, 1)
+    moved = mb.to("meta")
+    for name, value in vars(moved).items():
+        if isinstance(value, torch.Tensor):
+            assert value.device.type == "meta", name
+    assert moved.row_ids == mb.row_ids and moved.max_seqlen == mb.max_seqlen
+
+
+def test_masked_slots_never_leak_a_nan():
+    mb = pack(ROWS, [0, 1])
+    per_token = torch.zeros(mb.num_tokens)
+    per_token[0] = float("nan")  # an unscored position every masked slot points at
+    rows = mb.to_rows(per_token)
+    assert not torch.isnan(rows[mb.score_mask]).any() and not torch.isnan(rows).any()
+
+
+def test_collectives_run_on_the_cpu_without_nccl():
+    from megatron_ext.parallel import collective_device
+
+    assert collective_device() == torch.device("cpu")
