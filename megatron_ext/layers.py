@@ -168,8 +168,9 @@ class SDPAttention(MegatronModule):
         """Bool [t_q_local, t_k_gathered] causal mask between this rank's queries and all keys."""
         rank = dist.get_rank(self.cp_group)
         q_seq, q_pos = cp_token_positions(q_lens, self.cp_size, rank)
-        k_seq = torch.cat([cp_token_positions(k_lens, self.cp_size, r)[0] for r in range(self.cp_size)])
-        k_pos = torch.cat([cp_token_positions(k_lens, self.cp_size, r)[1] for r in range(self.cp_size)])
+        # Keys arrive all-gathered in CP rank order: each rank's local tokens, one after another.
+        k_seq, k_pos = (torch.cat(parts) for parts in zip(
+            *(cp_token_positions(k_lens, self.cp_size, r) for r in range(self.cp_size))))
         mask = (q_seq[:, None] == k_seq[None, :]) & (q_pos[:, None] >= k_pos[None, :])
         return mask.to(device)
 

@@ -140,6 +140,12 @@ def validate_model_layout(hf, model_cfg: ModelConfig, *, tp: int = 1, pp: int = 
                          "(supported: default, llama3)")
 
 
+def fp8_alignment(recipe: str) -> int:
+    """The multiple TransformerEngine's FP8 GEMMs need in every dimension, the token count
+    included: 32 for MXFP8 (its scales cover blocks of 32 elements), 16 for the other recipes."""
+    return 32 if recipe == "mxfp8" else 16
+
+
 def validate_fp8(model_cfg: ModelConfig, *, hf=None, tp: int = 1, use_te: bool | None = None,
                  capability: tuple[int, int] | None = None) -> None:
     """What TransformerEngine needs for ``model.fp8``; raises ValueError naming the field and
@@ -207,7 +213,7 @@ def _check_fp8_capability(recipe: str, capability: tuple[int, int]) -> None:
 
 
 def _check_fp8_alignment(hf, recipe: str, tp: int) -> None:
-    align = 32 if recipe == "mxfp8" else 16
+    align = fp8_alignment(recipe)
     heads = hf.num_attention_heads
     groups = getattr(hf, "num_key_value_heads", None) or heads
     d = head_dim(hf)

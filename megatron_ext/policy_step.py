@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .logprobs import vocab_parallel_logprobs_entropy
+from .model import fp8_alignment
 from .packing import PackedMicroBatch, Row, pack_all, pad_multiples, split_for_context_parallel
 from .train import forward_only, schedule_scale, train_step
 
@@ -77,13 +78,11 @@ def _row_logprobs(logits, mb: PackedMicroBatch, *, temperature, vocab_size, chun
         logits[0], mb.targets, tp_group=_tp_group(), temperature=temperature,
         chunk_size=chunk_size, vocab_size=vocab_size)
     lp_rows, ent_rows = mb.to_rows(logp), mb.to_rows(ent)
-    cp = _cp_group()
-    if cp is not None:
-        lp_rows, ent_rows = _CompleteRowsOverCP.apply(torch.stack([lp_rows, ent_rows]), cp).unbind(0)
+    cp_group = _cp_group()
+    if cp_group is not None:
+        lp_rows, ent_rows = _CompleteRowsOverCP.apply(torch.stack([lp_rows, ent_rows]),
+                                                      cp_group).unbind(0)
     return lp_rows, ent_rows, mb.score_mask
-
-
-FP8_TOKEN_MULTIPLE = {"mxfp8": 32}  # other recipes: 16 (TransformerEngine's FP8 GEMM shapes)
 
 
 def microbatches(rows: list[Row], token_budget: int, config) -> list[PackedMicroBatch]:
@@ -93,7 +92,7 @@ def microbatches(rows: list[Row], token_budget: int, config) -> list[PackedMicro
 
     cp = config.context_parallel_size
     recipe = getattr(config, "fp8_recipe", None)
-    fp8 = FP8_TOKEN_MULTIPLE.get(getattr(recipe, "value", recipe), 16) if config.fp8 else 1
+    fp8 = fp8_alignment(getattr(recipe, "value", recipe)) if config.fp8 else 1
     seq_multiple, multiple = pad_multiples(tp=config.tensor_model_parallel_size,
                                            sequence_parallel=config.sequence_parallel, cp=cp,
                                            fp8_multiple=fp8)

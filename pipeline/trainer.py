@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.packing import Row
-from megatron_ext.parallel import collective_device
+from megatron_ext.parallel import collective_device, replica_group
 from megatron_ext.policy_step import ReferenceWeights, compute_logprobs, policy_update
 from pipeline.config import JobConfig, algorithm_of
 from pipeline.config_io import to_dict
@@ -40,8 +40,6 @@ class Topology:
 
 def _topology() -> Topology:
     from megatron.core import parallel_state as ps
-
-    from megatron_ext.parallel import replica_group
 
     mp = replica_group()
     leader_global = dist.get_global_rank(mp, 0)
