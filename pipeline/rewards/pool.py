@@ -9,6 +9,12 @@ instead of the machine's OOM killer taking the trainer.
 
 Tasks name their function as `"module:function"` so nothing but plain data crosses the pipe,
 and a worker imports each function once.
+
+The pool's processes (the fork server and the workers) block SIGTERM. Slurm's
+`scancel --signal=TERM` and preemption signal every process of the job step; the trainer
+answers by finishing its step and checkpointing, which needs the reward workers alive to
+score that step. Blocked, the signal stays pending in them; they still end when the pool
+closes (a stop message, then SIGKILL) or when the trainer dies (their pipe reaches EOF).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import multiprocessing.connection
+import signal
 import threading
 import time
 import traceback
@@ -67,6 +74,9 @@ _READY = -1  # task id of the message a worker sends once its imports are done
 def _worker_main(conn, memory_limit_mb: int, imports: Sequence[str]) -> None:
     """Worker loop: import `imports`, send READY, then answer (task_id, fn_path, args, kwargs)
     messages with (task_id, ok, value or traceback text)."""
+    # Also blocked by the mask the worker inherits, unless a fork server started by someone
+    # else forked it; see the module docstring.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     if memory_limit_mb > 0:
         import resource
 
@@ -103,11 +113,38 @@ def _worker_main(conn, memory_limit_mb: int, imports: Sequence[str]) -> None:
             conn.send((task_id, False, traceback.format_exc()))
 
 
+def _start_without_sigterm(process, attempts: int = 4) -> None:
+    """Start `process` with SIGTERM blocked in this thread, so the child (and a fork server
+    that this start launches) inherits the block. A signal arriving meanwhile stays pending
+    here and is delivered when the mask is restored: the trainer never misses its TERM.
+
+    A fork server that died (killed by someone) is relaunched by multiprocessing once it has
+    been reaped; until then connecting to it fails, so the start is retried briefly.
+    """
+    # multiprocessing's resource tracker, when this start launches it, unblocks SIGTERM in the
+    # calling thread after spawning itself; launched first, it leaves the mask alone.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        for attempt in range(attempts):
+            try:
+                process.start()
+                return
+            except (ConnectionError, EOFError, FileNotFoundError):
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.1 * 4 ** attempt)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class _Worker:
     def __init__(self, ctx, memory_limit_mb: int, imports: Sequence[str]):
         self.conn, child = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=_worker_main, args=(child, memory_limit_mb, list(imports)), daemon=True)
-        self.process.start()
+        _start_without_sigterm(self.process)
         child.close()
         self.ready = False
         self.task: int | None = None

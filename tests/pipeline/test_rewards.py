@@ -260,6 +260,84 @@ def test_pool_runs_calls_concurrently_with_a_deadline_per_call():
     assert elapsed < 0.95, "two 0.5 s calls on two workers must overlap"
 
 
+def _forkserver_pid() -> int:
+    import multiprocessing.forkserver
+
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid  # noqa: SLF001 - the test needs the process
+    assert pid is not None, "the pool did not start a fork server"
+    return pid
+
+
+def test_pool_survives_the_step_wide_sigterm_of_slurm_preemption():
+    """`scancel --signal=TERM` signals every process of the trainer's job step, the pool's fork
+    server and workers included. The trainer then scores and checkpoints its last step, so the
+    pool must come through untouched: same workers, every call answered."""
+    import signal
+
+    calls = [((0.0, float(i)), {}) for i in range(4)]
+    with WorkerPool(2, start_method="forkserver") as pool:
+        pool.run(f"{HERE}:sleep_then", calls, timeout_s=60.0)
+        for pid in [_forkserver_pid(), *(w.process.pid for w in pool._workers)]:  # noqa: SLF001
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        outcomes = pool.run(f"{HERE}:sleep_then", calls, timeout_s=60.0)
+        assert [o.status for o in outcomes] == ["ok"] * 4, outcomes
+        assert pool.restarts == 0
+
+
+def test_pool_relaunches_a_killed_fork_server():
+    """SIGKILL (the OOM killer) cannot be blocked. The fork server's death makes its workers
+    look dead too (their exit status came through it), so calls in flight may be lost and are
+    reported as crashed, but the pool never raises and its next run is whole again."""
+    import signal
+
+    calls = [((0.0, float(i)), {}) for i in range(4)]
+    with WorkerPool(2, start_method="forkserver") as pool:
+        pool.run(f"{HERE}:sleep_then", calls, timeout_s=60.0)
+        os.kill(_forkserver_pid(), signal.SIGKILL)
+        os.kill(pool._workers[0].process.pid, signal.SIGKILL)  # noqa: SLF001
+        outcomes = pool.run(f"{HERE}:sleep_then", calls, timeout_s=60.0)
+        assert {o.status for o in outcomes} <= {"ok", "crashed"}, outcomes
+        assert pool.restarts >= 1
+        outcomes = pool.run(f"{HERE}:sleep_then", calls, timeout_s=60.0)
+        assert [o.value for o in outcomes] == [0.0, 1.0, 2.0, 3.0]
+
+
+class _FlakyStart:
+    """A process whose start() fails like a connection to a dying fork server, `failures` times."""
+
+    def __init__(self, failures: int):
+        import signal
+
+        self.failures = failures
+        self.calls = 0
+        self.blocked_during_start: list[bool] = []
+        self._signal = signal
+
+    def start(self):
+        self.calls += 1
+        self.blocked_during_start.append(self._signal.SIGTERM in self._signal.pthread_sigmask(self._signal.SIG_BLOCK, []))
+        if self.calls <= self.failures:
+            raise ConnectionRefusedError(111, "Connection refused")
+
+
+def test_worker_start_blocks_sigterm_retries_a_dying_fork_server_and_restores_the_mask():
+    import signal
+
+    from pipeline.rewards.pool import _start_without_sigterm
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    flaky = _FlakyStart(failures=2)
+    _start_without_sigterm(flaky)
+    assert flaky.calls == 3 and flaky.blocked_during_start == [True] * 3
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    hopeless = _FlakyStart(failures=99)
+    with pytest.raises(ConnectionRefusedError):
+        _start_without_sigterm(hopeless, attempts=3)
+    assert hopeless.calls == 3
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
 # --- configuration -------------------------------------------------------------------------
 
 

@@ -150,8 +150,12 @@ def test_terminated_job_is_requeued_and_resumes(cluster, assets, tmp_path, how):
     log = batch_log(str(tmp_path), job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
     assert info["Restarts"] == "1", log
+    first = open(os.path.join(run_dir, "slurm", job, "attempt-0", "trainer.log")).read()
     stopped = int(re.search(r"stopped at checkpoint step (\d+) of 12: requeueing", log).group(1))
-    assert 2 <= stopped < steps
+    assert 2 <= stopped < steps, first[-3000:]
+    # The step-wide TERM reaches the reward workers too; they must score the last step.
+    assert "reward worker died" not in first, first[-3000:]
+    assert f"SIGTERM: checkpoint at step {stopped} written" in first, first[-3000:]
     resumed = open(os.path.join(run_dir, "slurm", job, "attempt-1", "trainer.log")).read()
     assert f"resumed from {os.path.join(run_dir, 'checkpoints', f'step_{stopped}')} at step {stopped}" in resumed
     assert metric_steps(run_dir) == list(range(1, steps + 1))  # every step once, none repeated
