@@ -163,18 +163,27 @@ def pack(rows: list[Row], row_ids: list[int], *, pad_to_multiple: int = 1,
 
 
 def pack_all(rows: list[Row], token_budget: int, *, pad_to_multiple: int = 1,
-             same_length: bool = False, min_microbatches: int = 1,
+             same_length: bool = False, count_multiple: int = 1,
              seq_multiple: int = 1) -> list[PackedMicroBatch]:
     """All rows packed by ``token_budget`` (counted after padding each sequence to
     ``seq_multiple``). ``same_length`` pads every pack to the longest (pipeline parallelism
-    exchanges fixed-shape activations between stages)."""
+    exchanges fixed-shape activations between stages).
+
+    ``count_multiple``: the number of packs is made a multiple of it (megatron-core's
+    interleaved schedule runs micro-batches in groups of PP). The pack with the most rows is
+    halved until it is; with too few rows to split, padding-only packs (no rows, nothing
+    scored) make up the rest.
+    """
     lengths = [-(-len(r.tokens) // seq_multiple) * seq_multiple for r in rows]
     plan = plan_microbatches(lengths, token_budget)
-    while len(plan) < min_microbatches and any(len(p) > 1 for p in plan):
-        big = max(range(len(plan)), key=lambda i: len(plan[i]))
+    while len(plan) % count_multiple and any(len(p) > 1 for p in plan):
+        big = max(range(len(plan)), key=lambda i: (len(plan[i]), sum(lengths[j] for j in plan[i])))
         half = len(plan[big]) // 2
         plan[big:big + 1] = [plan[big][:half], plan[big][half:]]
+    plan += [[] for _ in range(-len(plan) % count_multiple)]
     longest = max((sum(lengths[i] for i in p) for p in plan), default=0)
+    if not same_length and any(not p for p in plan):
+        raise ValueError("padding-only packs need same_length=True (their length is the longest pack's)")
     return [pack(rows, p, pad_to_multiple=pad_to_multiple, seq_multiple=seq_multiple,
                  pad_to_length=longest if same_length else None) for p in plan]
 

@@ -87,7 +87,8 @@ def _row_logprobs(logits, mb: PackedMicroBatch, *, temperature, vocab_size, chun
 
 def microbatches(rows: list[Row], token_budget: int, config) -> list[PackedMicroBatch]:
     """This rank's packed micro-batches: padded for sequence parallelism, CP and FP8, under PP
-    to one length, and under CP cut down to this CP rank's share."""
+    to one length (and under virtual pipelining to a count that is a multiple of PP), and
+    under CP cut down to this CP rank's share."""
     from megatron.core import parallel_state as ps
 
     cp = config.context_parallel_size
@@ -96,8 +97,10 @@ def microbatches(rows: list[Row], token_budget: int, config) -> list[PackedMicro
     seq_multiple, multiple = pad_multiples(tp=config.tensor_model_parallel_size,
                                            sequence_parallel=config.sequence_parallel, cp=cp,
                                            fp8_multiple=fp8)
+    pp = config.pipeline_model_parallel_size
+    interleaved = (config.virtual_pipeline_model_parallel_size or 1) > 1
     packs = pack_all(rows, token_budget, pad_to_multiple=multiple, seq_multiple=seq_multiple,
-                     same_length=config.pipeline_model_parallel_size > 1)
+                     same_length=pp > 1, count_multiple=pp if interleaved else 1)
     if cp > 1:
         rank = ps.get_context_parallel_rank()
         packs = [split_for_context_parallel(mb, cp, rank) for mb in packs]

@@ -142,14 +142,13 @@ def train_step(model: list, optimizer, forward_step: Callable, microbatches: lis
     for m in model:
         m.zero_grad_buffer()
     optimizer.zero_grad()
-    it = iter(microbatches)
 
     def step_fn(data_iterator, chunk):
         return forward_step(next(data_iterator), chunk)
 
-    iters = [it] * len(model) if len(model) > 1 else it
     fb = get_forward_backward_func()
-    losses = fb(forward_step_func=step_fn, data_iterator=iters, model=model if len(model) > 1 else model[0],
+    losses = fb(forward_step_func=step_fn, data_iterator=_chunk_iterators(model, microbatches),
+                model=model if len(model) > 1 else model[0],
                 num_microbatches=len(microbatches), seq_length=seq_length,
                 micro_batch_size=micro_batch_size, forward_only=False)
     if not grads_finite(model):
@@ -164,6 +163,15 @@ def train_step(model: list, optimizer, forward_step: Callable, microbatches: lis
         scheduler.step(increment=1)
     return StepResult(losses=list(losses), grad_norm=None if grad_norm is None else float(grad_norm),
                       update_successful=bool(ok))
+
+
+def _chunk_iterators(model: list, microbatches: list):
+    """The schedule's data_iterator: one iterator, or under virtual pipelining one per model
+    chunk. Every chunk sees every micro-batch (a middle chunk still needs its cu_seqlens and
+    row ids), so the chunks must not share one iterator: each would consume the others'."""
+    if len(model) == 1:
+        return iter(microbatches)
+    return [iter(microbatches) for _ in model]
 
 
 def grads_finite(model: list) -> bool:
@@ -189,12 +197,10 @@ def forward_only(model: list, forward_step: Callable, microbatches: list, seq_le
     """Run the schedule without backward; returns what each loss_func reported (last stage)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    it = iter(microbatches)
-
     def step_fn(data_iterator, chunk):
         return forward_step(next(data_iterator), chunk)
 
-    iters = [it] * len(model) if len(model) > 1 else it
+    iters = _chunk_iterators(model, microbatches)
     with torch.no_grad():
         out = get_forward_backward_func()(
             forward_step_func=step_fn, data_iterator=iters,

@@ -16,17 +16,17 @@ HF = dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=
           max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-6)
 
 
-def _setup(tp=1, pp=1, sp=False, opt=None, hf=HF, cp=1):
+def _setup(tp=1, pp=1, sp=False, opt=None, hf=HF, cp=1, vpp=None):
     from megatron_ext.model import (ModelConfig, build_transformer_config, load_hf_config,
                                     model_provider)
     from megatron_ext.parallel import ParallelConfig, initialize
     from megatron_ext.train import OptimizerConfig, build_policy
 
     initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, context_parallel=cp,
-                              sequence_parallel=sp), seed=SEED)
+                              sequence_parallel=sp, virtual_pipeline=vpp), seed=SEED)
     hfc = load_hf_config(hf)
     mc = ModelConfig(hf_config=hfc)
-    cfg = build_transformer_config(hfc, mc, tp=tp, pp=pp, cp=cp, sequence_parallel=sp)
+    cfg = build_transformer_config(hfc, mc, tp=tp, pp=pp, cp=cp, vpp=vpp, sequence_parallel=sp)
     model, optimizer = build_policy(model_provider(hfc, cfg, mc), cfg,
                                     opt or OptimizerConfig(lr=1e-2, clip_grad=0.0, adam_eps=1e-3))
     # adam_eps well above gradient rounding noise: Adam divides by sqrt(v), which turns

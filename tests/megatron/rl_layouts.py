@@ -72,6 +72,7 @@ def rl_layouts_job(rank, world_size):
     for mode in MODES:
         out[f"ref_{mode}"] = _run(model, o, rows, adv, mode, budget=10_000)  # one micro-batch
         out[f"mb4_{mode}"] = _run(model, o, rows, adv, mode, budget=20)  # several micro-batches
+    out["ref_one_row"] = _run(model, o, rows[:1], adv[:1], "seq-ratio", budget=10_000)
     # Step 0: the trainer's recomputed `old` and the reference model's `ref` log-probs agree
     # exactly when the weights are the same.
     refw = ReferenceWeights(model)
@@ -85,23 +86,31 @@ def rl_layouts_job(rank, world_size):
     out["packed_vs_alone"] = max(float((a - b).abs().max()) for a, b in zip(old, alone))
 
     for label, kw in (("tp1dp2", {}), ("tp2sp", dict(tp=2, sp=True)), ("pp2", dict(pp=2)),
-                      ("cp2", dict(cp=2))):
+                      ("pp2vpp2", dict(pp=2, vpp=2)), ("cp2", dict(cp=2))):
         model, o, _ = _setup(opt=opt, **kw)
         load_full(model, ref)
         for mode in MODES:
             out[f"{label}_{mode}"] = _run(model, o, rows, adv, mode, budget=30)
-        if label == "cp2":
-            # The no-grad pass returns whole rows on every CP rank, equal to the TP2 values.
-            cp_old = compute_logprobs(model, rows, token_budget=25)
-            out["cp2_old"] = max(float((a - b).abs().max()) for a, b in zip(old, cp_old))
-            out["cp2_old_lengths"] = [len(x) for x in cp_old] == [r.n_scored for r in rows]
+        if label == "pp2vpp2":
+            # One row cannot fill the PP=2 micro-batches the interleaved schedule needs: the
+            # second is a padding-only pack that must add nothing.
+            out["pp2vpp2_one_row"] = _run(model, o, rows[:1], adv[:1], "seq-ratio", budget=10_000)
+        if label in ("cp2", "pp2vpp2"):
+            # The no-grad pass returns whole rows on every rank, equal to the TP2 values
+            # (under CP each rank holds two chunks of every row; under VPP every model chunk
+            # of a rank sees every micro-batch).
+            other = compute_logprobs(model, rows, token_budget=25)
+            out[f"{label}_old"] = max(float((a - b).abs().max()) for a, b in zip(old, other))
+            out[f"{label}_old_lengths"] = [len(x) for x in other] == [r.n_scored for r in rows]
     return out if rank == 0 else None
 
 
 def rl_tp_cp_job(rank, world_size):
     """4 ranks: DP=4 (the reference) vs TP=2 with sequence parallelism x CP=2, where each
-    sequence is padded to 2 * CP * TP and every TP rank holds a slice of each CP chunk, and vs
-    PP=2 x CP=2, where the stages exchange each CP rank's share of the pack."""
+    sequence is padded to 2 * CP * TP and every TP rank holds a slice of each CP chunk; vs
+    PP=2 x CP=2, where the stages exchange each CP rank's share of the pack; vs DP=2 x CP=2,
+    where the denominators span both DP ranks while each row is split over CP; and vs
+    PP=2 x VPP=2 x CP=2 (interleaved schedule, one layer per model chunk)."""
     from megatron_ext.train import OptimizerConfig
 
     rows, adv = make_rows()
@@ -111,7 +120,8 @@ def rl_tp_cp_job(rank, world_size):
     ref = gather_full(model, "data")
     for mode in MODES:
         out[f"dp4_{mode}"] = _run(model, o, rows, adv, mode, budget=30)
-    for label, kw in (("tp2spcp2", dict(tp=2, sp=True, cp=2)), ("pp2cp2", dict(pp=2, cp=2))):
+    for label, kw in (("tp2spcp2", dict(tp=2, sp=True, cp=2)), ("pp2cp2", dict(pp=2, cp=2)),
+                      ("dp2cp2", dict(cp=2)), ("pp2vpp2cp2", dict(pp=2, vpp=2, cp=2))):
         model, o, _ = _setup(opt=opt, **kw)
         load_full(model, ref)
         for mode in MODES:

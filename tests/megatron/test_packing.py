@@ -78,6 +78,20 @@ def test_budget_counts_padded_lengths():
     assert all(p.num_tokens <= 12 for p in packs)
 
 
+def test_interleaved_schedule_count_splits_packs_then_pads_with_empty_ones():
+    # Budget 100 puts all three rows in one pack; a multiple of 2 splits it (by rows), a
+    # multiple of 4 then needs a padding-only pack: 3 rows cannot make 4 packs.
+    two = pack_all(ROWS, 100, count_multiple=2, same_length=True)
+    assert [p.row_ids for p in two] == [[0], [1, 2]]
+    four = pack_all(ROWS, 100, count_multiple=4, same_length=True)
+    assert sorted(p.row_ids for p in four) == [[], [0], [1], [2]]
+    assert len({p.num_tokens for p in four}) == 1  # one length for pipeline p2p
+    empty = next(p for p in four if not p.row_ids)
+    assert empty.score_index.shape[0] == 0 and not empty.score_mask.any()
+    with pytest.raises(ValueError, match="same_length=True"):
+        pack_all(ROWS, 100, count_multiple=4)
+
+
 def test_to_moves_every_tensor_field():
     # "meta" stands in for the GPU: every tensor (cu_seqlens included, which TransformerEngine
     # reads on the device) must move, the plain fields stay.

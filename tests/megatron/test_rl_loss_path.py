@@ -22,13 +22,21 @@ def _grad_diff(a, b):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("layout", ["mb4", "tp1dp2", "tp2sp", "pp2", "cp2"])
+@pytest.mark.parametrize("layout", ["mb4", "tp1dp2", "tp2sp", "pp2", "pp2vpp2", "cp2"])
 def test_loss_and_gradients_match_reference(results, layout, mode):
     ref_loss, ref_grads = results[f"ref_{mode}"]
     loss, grads = results[f"{layout}_{mode}"]
     assert abs(loss - ref_loss) < 1e-5
     assert _grad_diff(grads, ref_grads) < 1e-5
     assert max(float(g.abs().max()) for g in ref_grads.values()) > 1e-3  # not trivially zero
+
+
+def test_interleaved_pipeline_pads_too_few_rows_with_an_empty_micro_batch(results):
+    ref_loss, ref_grads = results["ref_one_row"]
+    loss, grads = results["pp2vpp2_one_row"]
+    assert abs(loss - ref_loss) < 1e-6
+    assert _grad_diff(grads, ref_grads) < 1e-6
+    assert max(float(g.abs().max()) for g in ref_grads.values()) > 1e-4
 
 
 def test_step0_old_equals_ref(results):
@@ -40,14 +48,15 @@ def test_packed_equals_each_sequence_alone(results):
     assert results["packed_vs_alone"] < 1e-5
 
 
-def test_context_parallel_logprobs_are_whole_rows(results):
-    assert results["cp2_old_lengths"]
-    assert results["cp2_old"] < 1e-5
+@pytest.mark.parametrize("layout", ["cp2", "pp2vpp2"])
+def test_no_grad_logprobs_are_whole_rows(results, layout):
+    assert results[f"{layout}_old_lengths"]
+    assert results[f"{layout}_old"] < 1e-5
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("layout", ["tp2spcp2", "pp2cp2"])
-def test_cp_with_tp_or_pp_on_four_ranks_matches_dp4(layout, mode, tp_cp_results):
+@pytest.mark.parametrize("layout", ["tp2spcp2", "pp2cp2", "dp2cp2", "pp2vpp2cp2"])
+def test_cp_with_tp_pp_vpp_or_dp_on_four_ranks_matches_dp4(layout, mode, tp_cp_results):
     ref_loss, ref_grads = tp_cp_results[f"dp4_{mode}"]
     loss, grads = tp_cp_results[f"{layout}_{mode}"]
     assert abs(loss - ref_loss) < 1e-5
