@@ -24,6 +24,24 @@ def _config(run_dir, extra):
     return load_job_config(TINY, SMALL + [f"logging.run_dir={run_dir}"] + list(extra))
 
 
+def four_layer_model(out: str) -> str:
+    """The tiny example's model with 4 layers (randomly initialised) in `out`: PP=2 x VPP=2
+    needs a layer count divisible by 4."""
+    import json
+
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    src = "examples/tiny/build/model"
+    with open(f"{src}/config.json") as f:
+        fields = json.load(f)
+    fields.pop("layer_types", None)  # derived from the layer count
+    config = Qwen2Config(**{**fields, "num_hidden_layers": 4})
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
 def _local_params(trainer):
     return [p.detach().clone() for c in trainer.model for p in c.module.parameters()]
 
@@ -78,7 +96,10 @@ def one_step_job(rank, world_size, tmp, layout, names):
                                                     *PRESET_OVERRIDES.get(name, [])]))
         try:
             metrics = trainer.train_one_step()
-            out[name] = {"metrics": metrics, "params": _local_params(trainer)}
+            synced = torch.tensor([float(_engine_matches_trainer(trainer))])
+            torch.distributed.all_reduce(synced, op=torch.distributed.ReduceOp.MIN)
+            out[name] = {"metrics": metrics, "params": _local_params(trainer),
+                         "synced": bool(synced.item())}
         finally:
             trainer.close()
     return out if rank == 0 else None
