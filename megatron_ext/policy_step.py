@@ -131,6 +131,11 @@ def policy_update(model, optimizer, rows: list[Row], loss_fn: LossFn, *, token_b
         out = _model_forward(chunk, mb)
 
         def loss_func(logits):
+            if not mb.row_ids:
+                # A padding-only pack (see pack_all's count_multiple): nothing to score, but
+                # the backward must still run through the stage so the pipeline's gradient
+                # exchange stays in step; the same on every TP/CP rank, which hold the same packs.
+                return logits.sum() * 0.0, {}
             lp, ent, mask = _row_logprobs(logits, mb, temperature=temperature,
                                           vocab_size=vocab_size, chunk_size=chunk_size)
             loss, metrics = loss_fn(mb.row_ids, lp, ent, mask)
@@ -161,6 +166,8 @@ def compute_logprobs(model, rows: list[Row], *, token_budget: int, temperature: 
         out = _model_forward(chunk, mb)
 
         def loss_func(logits):
+            if not mb.row_ids:  # a padding-only pack
+                return torch.zeros(()), {"row_ids": []}
             lp, ent, mask = _row_logprobs(logits, mb, temperature=temperature,
                                           vocab_size=vocab_size, chunk_size=chunk_size)
             return torch.zeros(()), {"row_ids": mb.row_ids, "logprobs": lp, "entropy": ent,

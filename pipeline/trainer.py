@@ -351,7 +351,7 @@ class Trainer:
             mb_rows = [rows[i] for i in idx.tolist()]
 
             def loss_fn(row_ids, lp, ent, mask, t_u=t_u, denom=denom):
-                sel = t_u.rows(torch.tensor(row_ids), width=lp.shape[1]).to(lp.device)
+                sel = t_u.rows(torch.tensor(row_ids, dtype=torch.long), width=lp.shape[1]).to(lp.device)
                 return self.algo.loss(lp, sel, denom, entropy=ent)
 
             res, m = policy_update(self.model, self.optimizer, mb_rows, loss_fn,

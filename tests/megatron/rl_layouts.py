@@ -95,6 +95,8 @@ def rl_layouts_job(rank, world_size):
             # One row cannot fill the PP=2 micro-batches the interleaved schedule needs: the
             # second is a padding-only pack that must add nothing.
             out["pp2vpp2_one_row"] = _run(model, o, rows[:1], adv[:1], "seq-ratio", budget=10_000)
+            one = compute_logprobs(model, rows[:1], token_budget=10_000)
+            out["pp2vpp2_one_row_old"] = float((one[0] - old[0]).abs().max()) if len(one) == 1 else 1.0
         if label in ("cp2", "pp2vpp2"):
             # The no-grad pass returns whole rows on every rank, equal to the TP2 values
             # (under CP each rank holds two chunks of every row; under VPP every model chunk
