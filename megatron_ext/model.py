@@ -107,12 +107,17 @@ def validate_model_layout(hf, model_cfg: ModelConfig, *, tp: int = 1, pp: int = 
     Raises ValueError naming the field and the fix.
     """
     _check_model_type(getattr(hf, "model_type", None), "hf_config")
+    if vpp is not None and (vpp < 1 or (vpp > 1 and pp == 1)):
+        raise ValueError(f"parallel.virtual_pipeline={vpp} needs parallel.pipeline_parallel > 1 "
+                         "and a value >= 1 (model chunks per pipeline rank); leave it unset "
+                         "without pipeline parallelism")
+    layers_knob = "parallel.pipeline_parallel" + (" x parallel.virtual_pipeline" if vpp and vpp > 1 else "")
     checks = [
         ("num_attention_heads", hf.num_attention_heads, tp, "parallel.tensor_parallel"),
         ("num_key_value_heads", getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
          tp, "parallel.tensor_parallel"),
         ("intermediate_size", hf.intermediate_size, tp, "parallel.tensor_parallel"),
-        ("num_hidden_layers", hf.num_hidden_layers, pp * (vpp or 1), "parallel.pipeline_parallel"),
+        ("num_hidden_layers", hf.num_hidden_layers, pp * (vpp or 1), layers_knob),
     ]
     for name, value, by, knob in checks:
         if value % by:
@@ -261,7 +266,7 @@ def build_transformer_config(hf, model_cfg: ModelConfig, *, tp: int = 1, pp: int
         bf16=dtype == torch.bfloat16,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
+        virtual_pipeline_model_parallel_size=vpp if (vpp or 1) > 1 else None,
         context_parallel_size=cp,
         sequence_parallel=sequence_parallel,
         bias_activation_fusion=False,

@@ -25,6 +25,11 @@ class ParallelConfig:
     virtual_pipeline: int | None = None
     sequence_parallel: bool = False
 
+    def model_chunks(self) -> int | None:
+        """Megatron's virtual_pipeline_model_parallel_size: None unless interleaving (one chunk
+        per rank is the plain 1F1B schedule; megatron-core would run the interleaved one)."""
+        return self.virtual_pipeline if (self.virtual_pipeline or 1) > 1 else None
+
     def model_parallel_size(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
 
@@ -121,7 +126,7 @@ def initialize(parallel: ParallelConfig, *, seed: int = 1234, rank: int | None =
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        virtual_pipeline_model_parallel_size=parallel.model_chunks(),
         context_parallel_size=parallel.context_parallel,
     )
     _build_replica_group(parallel, denv.rank)

@@ -120,3 +120,18 @@ def test_context_parallel_layouts_validate():
     assert validate(load_job_config(TINY, ["parallel.context_parallel=2"]), 4)["dp"] == 2
     with pytest.raises(ConfigError, match="world size 3 is not divisible by tensor x pipeline x context"):
         validate(load_job_config(TINY, ["parallel.context_parallel=2"]), 3)
+
+
+def test_virtual_pipeline_needs_pipeline_parallelism_and_layers_for_every_chunk():
+    from megatron_ext.parallel import ParallelConfig
+
+    with pytest.raises(ConfigError, match="parallel.virtual_pipeline=2 needs parallel.pipeline_parallel > 1"):
+        validate(load_job_config(TINY, ["parallel.virtual_pipeline=2"]), 2)
+    # The tiny model has 3 layers: PP=3 works, PP=3 x VPP=2 has no layer for two of the chunks.
+    with pytest.raises(ConfigError, match=r"num_hidden_layers=3 is not divisible by 6 \(parallel.pipeline_parallel"
+                                          r" x parallel.virtual_pipeline\)"):
+        validate(load_job_config(TINY, ["parallel.pipeline_parallel=3", "parallel.virtual_pipeline=2"]), 3)
+    assert validate(load_job_config(TINY, ["parallel.pipeline_parallel=3"]), 3)["dp"] == 1
+    # One chunk per rank is plain 1F1B: megatron-core must not be told to interleave.
+    assert ParallelConfig(pipeline_parallel=2, virtual_pipeline=1).model_chunks() is None
+    assert ParallelConfig(pipeline_parallel=2, virtual_pipeline=2).model_chunks() == 2
