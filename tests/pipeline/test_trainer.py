@@ -42,6 +42,14 @@ def test_every_preset_steps_and_syncs(tmp_path, tp):
 CP_PRESETS = ["grpo", "gspo", "jepo", "spro"]
 
 
+def _same_step(a: dict, b: dict, name: str) -> None:
+    """Step metrics `b` (a parallel layout) equal `a` (one rank): same rollout, same loss and
+    gradient norm, and a gradient that is not trivially zero."""
+    assert a["reward_mean"] == b["reward_mean"], name
+    assert abs(a["loss"] - b["loss"]) < 1e-6, (name, a["loss"], b["loss"])
+    assert b["grad_norm"] > 1e-3 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * a["grad_norm"], name
+
+
 def test_context_parallel_step_equals_single_rank_step(tmp_path):
     # adam_eps=1: the first Adam update is ~lr * g instead of ~lr * sign(g), so weights after
     # the step compare the gradients rather than the sign of float noise on tiny ones.
@@ -50,10 +58,7 @@ def test_context_parallel_step_equals_single_rank_step(tmp_path):
     cp2 = run_ranks(one_step_job, 2, str(tmp_path / "cp2"), common + ["parallel.context_parallel=2"],
                     CP_PRESETS, timeout=300)[0]
     for name in CP_PRESETS:
-        a, b = single[name]["metrics"], cp2[name]["metrics"]
-        assert a["reward_mean"] == b["reward_mean"], name  # the same rollout
-        assert abs(a["loss"] - b["loss"]) < 1e-6, (name, a["loss"], b["loss"])
-        assert b["grad_norm"] > 1e-3 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * a["grad_norm"]
+        _same_step(single[name]["metrics"], cp2[name]["metrics"], name)
         diff = max(float((x - y).abs().max())
                    for x, y in zip(single[name]["params"], cp2[name]["params"]))
         assert diff < 1e-7, f"{name}: CP=2 weights differ from single-rank weights by {diff}"
@@ -71,10 +76,7 @@ def test_interleaved_pipeline_step_equals_single_rank_step(tmp_path):
                     common + ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"],
                     names, timeout=300)[0]
     for name in names:
-        a, b = single[name]["metrics"], vpp[name]["metrics"]
-        assert a["reward_mean"] == b["reward_mean"], name  # the same rollout
-        assert abs(a["loss"] - b["loss"]) < 1e-6, (name, a["loss"], b["loss"])
-        assert b["grad_norm"] > 1e-3 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * a["grad_norm"]
+        _same_step(single[name]["metrics"], vpp[name]["metrics"], name)
         assert single[name]["synced"] and vpp[name]["synced"], name
 
 
