@@ -21,10 +21,10 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, 300, (2, SEQ), generator=g)
 
 
-def _init(tp=1, pp=1):
+def _init(tp=1, pp=1, vpp=None):
     from megatron_ext.parallel import ParallelConfig, initialize
 
-    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
+    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vpp))
 
 
 def _bare_model(hf_dir, tp=1, pp=1, dtype="fp32"):
@@ -36,9 +36,10 @@ def _bare_model(hf_dir, tp=1, pp=1, dtype="fp32"):
     return build_model(hf, tp, pp, dtype), hf
 
 
-def logits(model, toks) -> torch.Tensor | None:
+def logits(model, toks, microbatches: int = 1) -> torch.Tensor | None:
     """Full-vocabulary logits [b, s, Vp] of the model on this layout (TP gathered, through the
-    pipeline schedule); None on ranks other than the last stage."""
+    pipeline schedule, the batch cut into ``microbatches``); None on ranks other than the last
+    stage."""
     from megatron.core import parallel_state as ps
 
     from megatron_ext.train import forward_only
@@ -48,11 +49,12 @@ def logits(model, toks) -> torch.Tensor | None:
         out = chunk(batch, pos, None)
         return out, lambda o: (o.float().sum() * 0, {"logits": o.detach().float()})
 
-    reported = forward_only(model, forward_step, [toks], seq_length=toks.shape[1],
-                            micro_batch_size=toks.shape[0])
-    if not ps.is_pipeline_last_stage():
+    mbs = list(toks.chunk(microbatches, dim=0))
+    reported = forward_only(model, forward_step, mbs, seq_length=toks.shape[1],
+                            micro_batch_size=mbs[0].shape[0])
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    out = reported[0]["logits"]
+    out = torch.cat([r["logits"] for r in reported], dim=0)
     tp = ps.get_tensor_model_parallel_world_size()
     if tp > 1:
         parts = [torch.empty_like(out) for _ in range(tp)]
@@ -210,6 +212,34 @@ def family_section(hf_dir: str, work: str, tag: str) -> dict:
     return r
 
 
+def vpp_section(hf_dir: str, work: str) -> dict:
+    """PP=2 x VPP=2 (one layer per model chunk, ranks hold layers 0+2 and 1+3): loaded from
+    HF files, its logits, its gathered export, and its checkpoint loaded back at PP=1."""
+    from megatron_ext.checkpoint import load_model_checkpoint, save_model_checkpoint
+    from megatron_ext.export import load_hf_weights
+    from megatron_ext.hf.files import SafetensorsCheckpoint
+    from megatron_ext.model import (ModelConfig, build_transformer_config, load_hf_config,
+                                    model_provider)
+    from megatron_ext.train import build_model_chunks
+
+    toks, r = tokens(), {}
+    _init(pp=2, vpp=2)
+    hf = load_hf_config(hf_dir)
+    mc = ModelConfig(hf_config=hf, extra={"perform_initialization": False})
+    cfg = build_transformer_config(hf, mc, pp=2, vpp=2)
+    model = build_model_chunks(model_provider(hf, cfg, mc), cfg)
+    load_hf_weights(model, SafetensorsCheckpoint(hf_dir), hf_config=hf, source=hf_dir)
+    r["chunks"] = len(model)
+    r["logits"] = _last_stage_value(logits(model, toks, microbatches=2))  # a multiple of PP
+    r["export_gathered"] = _export(model, hf, bucket_bytes=40_000, gather_pipeline=True)
+    ckpt = os.path.join(work, "vpp-mcore")
+    save_model_checkpoint(ckpt, model, hf_config=hf)
+    model, hf = _bare_model(hf_dir, pp=1)
+    load_model_checkpoint(ckpt, model)
+    r["pp1_logits"] = logits(model, toks)
+    return r
+
+
 def bf16_section(hf_dir: str, work: str) -> dict:
     """A bf16 HF checkpoint through the mains at TP2 (and back at TP1): dtype kept."""
     from tools import convert_hf_to_megatron, convert_megatron_to_hf
@@ -319,6 +349,7 @@ def checks_job(rank, world_size, dirs: dict, work: str) -> dict:
 
     sections = {f"family:{fam}": (family_section, (dirs[fam], work, fam))
                 for fam in ("llama", "qwen2", "qwen3")}
+    sections["vpp"] = (vpp_section, (dirs["qwen2"], work))  # tied embeddings: the hard case
     sections["bf16"] = (bf16_section, (dirs["llama-bf16"], work))
     sections["resume"] = (resume_section, (dirs["qwen3"], work))
     sections["atomic"] = (atomic_section, (dirs["qwen2"], work))

@@ -62,6 +62,12 @@ def test_pp2_gathered_export_reaches_every_rank(checks, hf_dirs, fam):
     _assert_equal_to_files(_flat(rank1), original)
 
 
+def test_interleaved_pipeline_gathered_export_is_the_hf_state_dict(checks, hf_dirs):
+    original = read_state_dict(hf_dirs["qwen2"])
+    for rank in (0, 1):
+        _assert_equal_to_files(_flat(section(checks, "vpp", rank)["export_gathered"]), original)
+
+
 @pytest.mark.parametrize("key", ["tp2_export", "pp2_export", "pp2_export_gathered"])
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_buckets_are_bounded(checks, fam, key):
