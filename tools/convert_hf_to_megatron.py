@@ -19,6 +19,7 @@ are spawned; on one GPU it runs in this process; several GPUs need ``torchrun``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -115,27 +116,45 @@ def run_conversion(fn, world: int, *args):
     return run_ranks(fn, world, *args, timeout=7 * 24 * 3600)
 
 
-def _convert_on_rank(rank: int, world_size: int, p: Plan) -> None:
-    from megatron_ext.checkpoint import save_model_checkpoint, staged_directory
-    from megatron_ext.export import load_hf_weights
-    from megatron_ext.hf.files import SafetensorsCheckpoint
+@contextlib.contextmanager
+def conversion_model(config_path: str, tp: int, pp: int, dtype: str, rank: int, world_size: int):
+    """``with conversion_model(...) as (hf, model)``: process groups for TP x PP on this rank
+    (unless the caller's are already up, which are then left alone), the HF config from
+    ``config_path`` and the bare model chunks of :func:`build_model`."""
     from megatron_ext.model import load_hf_config
     from megatron_ext.parallel import ParallelConfig, destroy, initialize
 
     created = not dist.is_initialized()
-    initialize(ParallelConfig(tensor_parallel=p.tp, pipeline_parallel=p.pp), rank=rank,
+    initialize(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp), rank=rank,
                world_size=world_size)
     try:
-        hf = load_hf_config(p.hf_dir)
-        model = build_model(hf, p.tp, p.pp, p.dtype)
+        hf = load_hf_config(config_path)
+        yield hf, build_model(hf, tp, pp, dtype)
+    finally:
+        if created:
+            destroy()
+
+
+def run_cli(main, name: str) -> None:
+    """A converter's ``__main__``: exit with main's code; a user error is one line on stderr."""
+    try:
+        sys.exit(main())
+    except (ValueError, OSError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _convert_on_rank(rank: int, world_size: int, p: Plan) -> None:
+    from megatron_ext.checkpoint import save_model_checkpoint, staged_directory
+    from megatron_ext.export import load_hf_weights
+    from megatron_ext.hf.files import SafetensorsCheckpoint
+
+    with conversion_model(p.hf_dir, p.tp, p.pp, p.dtype, rank, world_size) as (hf, model):
         weights = SafetensorsCheckpoint(p.hf_dir)
         load_hf_weights(model, weights, hf_config=hf, source=p.hf_dir)
         weights.close()
         with staged_directory(p.out, force=p.force) as tmp:
             save_model_checkpoint(tmp, model, hf_config=hf, hf_files_dir=p.hf_dir)
-    finally:
-        if created:
-            destroy()
 
 
 def main(argv=None) -> int:
@@ -147,8 +166,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, OSError) as e:
-        print(f"convert_hf_to_megatron: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main, "convert_hf_to_megatron")

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from tools.convert_hf_to_megatron import build_model, run_conversion
+from tools.convert_hf_to_megatron import conversion_model, run_cli, run_conversion
 
 
 @dataclass
@@ -100,21 +99,11 @@ def plan(args: argparse.Namespace) -> Plan:
 def _convert_on_rank(rank: int, world_size: int, p: Plan) -> None:
     from megatron_ext.checkpoint import load_model_checkpoint
     from megatron_ext.export import write_hf_checkpoint
-    from megatron_ext.model import load_hf_config
-    from megatron_ext.parallel import ParallelConfig, destroy, initialize
 
-    created = not dist.is_initialized()
-    initialize(ParallelConfig(tensor_parallel=p.tp, pipeline_parallel=p.pp), rank=rank,
-               world_size=world_size)
-    try:
-        hf = load_hf_config(p.hf_config)
-        model = build_model(hf, p.tp, p.pp, p.dtype)
+    with conversion_model(p.hf_config, p.tp, p.pp, p.dtype, rank, world_size) as (hf, model):
         load_model_checkpoint(p.ckpt, model)
         write_hf_checkpoint(model, p.out, hf_config=hf, config_path=p.hf_config,
                             files_dir=p.files_dir, shard_bytes=p.shard_bytes, force=p.force)
-    finally:
-        if created:
-            destroy()
 
 
 def main(argv=None) -> int:
@@ -126,8 +115,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, OSError) as e:
-        print(f"convert_megatron_to_hf: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main, "convert_megatron_to_hf")
