@@ -119,6 +119,24 @@ def _default_chunk_size(columns: int, device: torch.device) -> int:
     return max(1, budget // (4 * max(columns, 1)))
 
 
+def _scaled_chunks(x: torch.Tensor, valid: int, chunk: int, temperature: float):
+    """Yield ``(start, stop, z, e)`` over row chunks of ``x`` [T, V_local]: ``z`` holds
+    ``x[start:stop, :valid] / temperature`` in fp32 and ``e`` is scratch of the same shape,
+    both views of two buffers reused across chunks (the forward and the recomputing backward
+    walk the logits the same way, and neither allocates per chunk)."""
+    n_tok = x.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    z_buf = torch.empty(min(chunk, n_tok), valid, **f32)
+    e_buf = torch.empty_like(z_buf)
+    for start in range(0, n_tok, chunk):
+        stop = min(start + chunk, n_tok)
+        z, e = z_buf[: stop - start], e_buf[: stop - start]
+        z.copy_(x[start:stop, :valid])
+        if temperature != 1.0:
+            z.div_(temperature)
+        yield start, stop, z, e
+
+
 class _LogprobsEntropy(torch.autograd.Function):
     """Forward collectives: one all-reduce MAX and one all-reduce SUM, both of [T]-sized
     per-token statistics. Backward: none (see ``backward``)."""
@@ -142,16 +160,7 @@ class _LogprobsEntropy(torch.autograd.Function):
         stats = torch.zeros(3, n_tok, **f32)  # rows: sum-exp, weighted sum, target logit
         sum_loc, wsum_loc, z_target = stats[0], stats[1], stats[2]
         if valid > 0 and n_tok > 0:
-            rows = min(chunk, n_tok)
-            z_buf = torch.empty(rows, valid, **f32)
-            e_buf = torch.empty(rows, valid, **f32)
-            for start in range(0, n_tok, chunk):
-                stop = min(start + chunk, n_tok)
-                z = z_buf[: stop - start]
-                e = e_buf[: stop - start]
-                z.copy_(x[start:stop, :valid])
-                if temperature != 1.0:
-                    z.div_(temperature)
+            for start, stop, z, e in _scaled_chunks(x, valid, chunk, temperature):
                 m = torch.amax(z, dim=1, out=m_loc[start:stop])
                 z.sub_(m.unsqueeze(1))
                 torch.exp(z, out=e)
@@ -222,17 +231,7 @@ class _LogprobsEntropy(torch.autograd.Function):
             owned = (local >= 0) & (local < valid)
             onehot = torch.where(owned, g / temperature, 0.0)
             local = local.clamp(0, valid - 1)
-            f32 = dict(dtype=torch.float32, device=x.device)
-            rows = min(chunk, n_tok)
-            u_buf = torch.empty(rows, valid, **f32)
-            e_buf = torch.empty(rows, valid, **f32)
-            for start in range(0, n_tok, chunk):
-                stop = min(start + chunk, n_tok)
-                u = u_buf[: stop - start]
-                e = e_buf[: stop - start]
-                u.copy_(x[start:stop, :valid])
-                if temperature != 1.0:
-                    u.div_(temperature)
+            for start, stop, u, e in _scaled_chunks(x, valid, chunk, temperature):
                 u.sub_(m[start:stop].unsqueeze(1))
                 torch.exp(u, out=e)
                 torch.addcmul(a[start:stop].unsqueeze(1), u, b[start:stop].unsqueeze(1), out=u)
