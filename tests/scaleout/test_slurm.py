@@ -106,17 +106,23 @@ def _cleanup(job: str) -> None:
         subprocess.run(["scancel", job])
 
 
-def test_colocated_job_completes_with_metrics_and_checkpoint(cluster, assets, tmp_path):
-    run_dir = str(tmp_path / "run")
-    env = {"CONFIG": TINY, "OVERRIDES": _overrides(assets, run_dir, 3, **{"checkpoint.every_steps": 2})}
-    job = submit("colocated.sbatch", str(tmp_path), env, "--nodes=1", "--ntasks-per-node=2",
-                 "--gpus-per-node=0")
+def run_to_completion(script: str, tmp_path, env: dict) -> tuple[str, dict, str]:
+    """Submit `script` on one node with 2 tasks, wait for it, and check it completed with
+    exit code 0: (job id, its scontrol record, the batch script's log)."""
+    job = submit(script, str(tmp_path), env, "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0")
     try:
         info = wait_job(job, timeout=600)
     finally:
         _cleanup(job)
     log = batch_log(str(tmp_path), job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    return job, info, log
+
+
+def test_colocated_job_completes_with_metrics_and_checkpoint(cluster, assets, tmp_path):
+    run_dir = str(tmp_path / "run")
+    env = {"CONFIG": TINY, "OVERRIDES": _overrides(assets, run_dir, 3, **{"checkpoint.every_steps": 2})}
+    job, info, log = run_to_completion("colocated.sbatch", tmp_path, env)
     assert info["Restarts"] == "0"
     assert metric_steps(run_dir) == [1, 2, 3]
     assert latest(run_dir) == "step_3"
@@ -166,14 +172,7 @@ def test_disaggregated_job_trains_against_served_workers_behind_the_router(clust
     run_dir = str(tmp_path / "run")
     env = {"CONFIG": TINY, "ENGINE": "stand-in", "SERVERS_PER_NODE": "2",
            "OVERRIDES": _overrides(assets, run_dir, 3, **{"checkpoint.every_steps": 0})}
-    job = submit("disaggregated.sbatch", str(tmp_path), env, "--nodes=1", "--ntasks-per-node=2",
-                 "--gpus-per-node=0")
-    try:
-        info = wait_job(job, timeout=600)
-    finally:
-        _cleanup(job)
-    log = batch_log(str(tmp_path), job)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    job, info, log = run_to_completion("disaggregated.sbatch", tmp_path, env)
     assert metric_steps(run_dir) == [1, 2, 3]
     assert latest(run_dir) == "step_3"
     logs = os.path.join(run_dir, "slurm", job, "attempt-0")
