@@ -43,6 +43,7 @@ def logits(model, toks, microbatches: int = 1) -> torch.Tensor | None:
     from megatron.core import parallel_state as ps
 
     from megatron_ext.train import forward_only
+    from tests.megatron.layouts import gather_vocab
 
     def forward_step(batch, chunk):
         pos = torch.arange(batch.shape[1]).expand_as(batch)
@@ -54,13 +55,7 @@ def logits(model, toks, microbatches: int = 1) -> torch.Tensor | None:
                             micro_batch_size=mbs[0].shape[0])
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    out = torch.cat([r["logits"] for r in reported], dim=0)
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp > 1:
-        parts = [torch.empty_like(out) for _ in range(tp)]
-        dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
-        out = torch.cat(parts, dim=-1)
-    return out
+    return gather_vocab(torch.cat([r["logits"] for r in reported], dim=0))
 
 
 def _export(model, hf, bucket_bytes, gather_pipeline=False):

@@ -132,18 +132,23 @@ def _lm_step(model, optimizer, tokens, num_microbatches, do_step):
 
 def _logits(model, tokens):
     """Full-vocab logits [b, s, V] of the (PP=1) model, TP shards gathered."""
-    from megatron.core import parallel_state as ps
-
     inputs = tokens[:, :-1]
     pos = torch.arange(inputs.shape[1]).expand_as(inputs)
     with torch.no_grad():
         out = model[0](inputs, pos, None).float()
+    return gather_vocab(out)
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """Vocab-parallel logits [..., V/TP] -> the full vocabulary [..., V] on every TP rank."""
+    from megatron.core import parallel_state as ps
+
     tp = ps.get_tensor_model_parallel_world_size()
-    if tp > 1:
-        parts = [torch.empty_like(out) for _ in range(tp)]
-        dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
-        out = torch.cat(parts, dim=-1)
-    return out
+    if tp == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(tp)]
+    dist.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
 
 
 def _cp_step(model, tokens):
